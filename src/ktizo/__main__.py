@@ -1,0 +1,5 @@
+"""``python -m ktizo`` is ``ktizo``."""
+
+from ktizo.cli import main
+
+main()

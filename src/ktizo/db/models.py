@@ -1,0 +1,253 @@
+"""Tables. Every invariant that must hold across replicas (one row per MAC, unique token hashes) is a constraint."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    CheckConstraint,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from ktizo.db.types import UTCDateTime, utcnow
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Device(Base):
+    """A machine at the door. Identity columns are all optional so that agents (machine-id) fit later."""
+
+    __tablename__ = "devices"
+    __table_args__ = (
+        CheckConstraint("status IN ('pending', 'approved', 'rejected')", name="status"),
+        CheckConstraint("role IN ('controlplane', 'worker')", name="role"),
+        # A machine known only by its SMBIOS UUID must not be created twice by concurrent first contacts.
+        Index(
+            "uq_devices_uuid_without_mac",
+            "uuid",
+            unique=True,
+            sqlite_where=text("mac_address IS NULL"),
+            postgresql_where=text("mac_address IS NULL"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    mac_address: Mapped[str | None] = mapped_column(String(17), unique=True)
+    uuid: Mapped[str | None] = mapped_column(String(36), index=True)
+    serial: Mapped[str | None] = mapped_column(String(128), index=True)
+    hostname: Mapped[str | None] = mapped_column(String(253), index=True)
+    ip_address: Mapped[str | None] = mapped_column(String(64))
+    role: Mapped[str] = mapped_column(String(16), default="worker", server_default="worker")
+    status: Mapped[str] = mapped_column(String(16), default="pending", server_default="pending", index=True)
+    notes: Mapped[str] = mapped_column(Text, default="", server_default="")
+    source: Mapped[str] = mapped_column(String(16), default="manual", server_default="manual")
+    facts: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+    first_seen: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_seen: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    last_ip: Mapped[str | None] = mapped_column(String(45))
+    approved_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    approved_by: Mapped[str | None] = mapped_column(String(64))
+    rejected_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    rejected_by: Mapped[str | None] = mapped_column(String(64))
+    last_config_download: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    labels: Mapped[dict[str, str]] = mapped_column(JSON, default=dict, server_default="{}")
+    patch: Mapped[str | None] = mapped_column(Text)  # the device's own strategic-merge patch
+    install_disk: Mapped[str | None] = mapped_column(String(255))
+    lease_ip: Mapped[str | None] = mapped_column(String(45))  # from dnsmasq: a second identity factor
+    installed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)  # then iPXE boots the local disk
+    extra_nics: Mapped[list[dict[str, Any]]] = mapped_column(
+        JSON, default=list, server_default="[]"
+    )  # [{mac, addresses: [...]}]
+    # Bumped by every change that alters what the device is served; rendered configs are cached per revision.
+    revision: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+
+
+class User(Base):
+    __tablename__ = "users"
+    __table_args__ = (CheckConstraint("role IN ('viewer', 'operator', 'admin')", name="role"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str | None] = mapped_column(String(255))
+    role: Mapped[str] = mapped_column(String(16))
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_login_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+
+    tokens: Mapped[list[ApiToken]] = relationship(back_populates="user", cascade="all, delete-orphan")
+
+
+class ApiToken(Base):
+    """A bearer token; only its SHA-256 is kept (tokens are 256-bit random, so a fast hash is enough)."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(64), default="")
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    last_used_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+
+    user: Mapped[User] = relationship(back_populates="tokens")
+
+
+class AuditEvent(Base):
+    """Append-only (database triggers refuse UPDATE and DELETE). ``device_id`` is not a foreign key on purpose:
+    a deleted device keeps its history."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (Index("ix_audit_events_device_at", "device_id", "at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(64), index=True)
+    actor_type: Mapped[str] = mapped_column(String(16))
+    action: Mapped[str] = mapped_column(String(32), index=True)
+    device_id: Mapped[int | None] = mapped_column(Integer)
+    device_mac: Mapped[str | None] = mapped_column(String(17))
+    source_ip: Mapped[str | None] = mapped_column(String(45))
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class ConfigState(Base):
+    """One row whose revision moves whenever anything configs are rendered from changes (cluster settings,
+    base configs, secrets, groups). Every replica compares it on the boot path to know when to reload."""
+
+    __tablename__ = "config_state"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    revision: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+
+
+class ClusterSettings(Base):
+    """The cluster's parameters (one row, id 1): what ``generate`` turns into base configs."""
+
+    __tablename__ = "cluster_settings"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    cluster_name: Mapped[str | None] = mapped_column(String(63))
+    endpoint: Mapped[str | None] = mapped_column(String(255))
+    talos_version: Mapped[str | None] = mapped_column(String(16))  # None: KTIZO_TALOS_VERSION
+    kubernetes_version: Mapped[str | None] = mapped_column(String(32))
+    install_disk: Mapped[str | None] = mapped_column(String(255), default="/dev/sda")
+    install_image: Mapped[str | None] = mapped_column(String(255))
+    pod_subnets: Mapped[list[str]] = mapped_column(JSON, default=lambda: ["10.244.0.0/16"])
+    service_subnets: Mapped[list[str]] = mapped_column(JSON, default=lambda: ["10.96.0.0/12"])
+    dns_domain: Mapped[str] = mapped_column(String(253), default="cluster.local")
+    cert_sans: Mapped[list[str]] = mapped_column(JSON, default=list)
+    gateway: Mapped[str | None] = mapped_column(String(45))
+    nameservers: Mapped[list[str]] = mapped_column(JSON, default=list)
+    revision: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    updated_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    updated_by: Mapped[str | None] = mapped_column(String(64))
+
+
+class ClusterSecrets(Base):
+    """The Talos secrets bundle (one row, id 1), sealed when a secret key is configured."""
+
+    __tablename__ = "cluster_secrets"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    bundle: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    source: Mapped[str] = mapped_column(String(16))  # generated | imported
+
+
+class BaseConfigRow(Base):
+    """The base config of a role, sealed when a secret key is configured (a controlplane config holds CA keys)."""
+
+    __tablename__ = "base_configs"
+    __table_args__ = (CheckConstraint("role IN ('controlplane', 'worker')", name="role"),)
+
+    role: Mapped[str] = mapped_column(String(16), primary_key=True)
+    content: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(String(16))  # generated | uploaded
+    revision: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_by: Mapped[str | None] = mapped_column(String(64))
+
+
+class DeviceGroup(Base):
+    """Config templates per group of devices: a strategic-merge patch and network defaults, chosen by labels
+    or explicit membership, applied in priority order (lowest first, so the highest priority wins)."""
+
+    __tablename__ = "device_groups"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    priority: Mapped[int] = mapped_column(Integer, default=100, server_default="100")
+    selector: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    patch: Mapped[str | None] = mapped_column(Text)
+    gateway: Mapped[str | None] = mapped_column(String(45))
+    nameservers: Mapped[list[str]] = mapped_column(JSON, default=list)
+    description: Mapped[str] = mapped_column(Text, default="", server_default="")
+    revision: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class GroupMember(Base):
+    __tablename__ = "group_members"
+
+    group_id: Mapped[int] = mapped_column(ForeignKey("device_groups.id", ondelete="CASCADE"), primary_key=True)
+    device_id: Mapped[int] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True, index=True)
+
+
+class DeviceCode(Base):
+    """Talos's OAuth2 device authorization grant (RFC 8628): the code on the machine's console that an
+    operator approves. Only hashes of the device code and the access token are kept."""
+
+    __tablename__ = "device_codes"
+    __table_args__ = (
+        CheckConstraint("status IN ('pending', 'approved', 'denied', 'consumed', 'expired')", name="status"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    device_id: Mapped[int] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), index=True)
+    client_id: Mapped[str] = mapped_column(String(64))
+    device_code_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    user_code: Mapped[str] = mapped_column(String(16), unique=True)
+    status: Mapped[str] = mapped_column(String(16), default="pending", server_default="pending")
+    interval: Mapped[int] = mapped_column(Integer, default=5, server_default="5")
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    last_poll_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    access_token_hash: Mapped[str | None] = mapped_column(String(64), unique=True)
+    token_expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    approved_by: Mapped[str | None] = mapped_column(String(64))
+
+
+class ServiceToken(Base):
+    """Credentials of Ktizo's own helpers (the dnsmasq DHCP-event hook), kept as SHA-256."""
+
+    __tablename__ = "service_tokens"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -1,0 +1,101 @@
+"""Group commit: many small writes from concurrent requests share one transaction.
+
+A boot storm asks for hundreds of tiny writes at once (a last_seen, a download record with its audit row).
+One writer thread takes whatever is queued, runs it in one transaction and commits once; each caller waits
+for its own outcome. On SQLite, which has one writer anyway, this turns hundreds of commits into a few."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+
+from sqlalchemy.orm import Session, sessionmaker
+
+log = logging.getLogger(__name__)
+
+Work = Callable[[Session], None]
+_STOP = object()
+
+
+class GroupCommitWriter:
+    def __init__(self, sessions: sessionmaker[Session], max_batch: int = 256) -> None:
+        self._sessions = sessions
+        self._max_batch = max_batch
+        self._queue: queue.SimpleQueue[tuple[Work, Future[None]] | object] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, work: Work) -> Future[None]:
+        future: Future[None] = Future()
+        self._ensure_started()
+        self._queue.put((work, future))
+        return future
+
+    def _ensure_started(self) -> None:
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="ktizo-group-commit", daemon=True)
+                    self._thread.start()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._thread is not None:
+                self._queue.put(_STOP)
+                self._thread.join(timeout=30)
+                self._thread = None
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < self._max_batch:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stop = True
+                    break
+                batch.append(item)
+            self._commit(batch)  # type: ignore[arg-type]
+            if stop:
+                return
+
+    def _commit(self, batch: list[tuple[Work, Future[None]]]) -> None:
+        outcomes: list[tuple[Future[None], BaseException | None]] = []
+        try:
+            with self._sessions() as session, session.begin():
+                for work, future in batch:
+                    try:
+                        with session.begin_nested():  # a failing item rolls back alone, not the batch
+                            work(session)
+                    except Exception as exc:
+                        outcomes.append((future, exc))
+                    else:
+                        outcomes.append((future, None))
+        except Exception:
+            log.warning("group commit of %d writes failed; retrying them one by one", len(batch), exc_info=True)
+            for work, future in batch:
+                self._run_alone(work, future)
+            return
+        for future, error in outcomes:
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
+
+    def _run_alone(self, work: Work, future: Future[None]) -> None:
+        try:
+            with self._sessions() as session, session.begin():
+                work(session)
+        except Exception as exc:
+            future.set_exception(exc)
+        else:
+            future.set_result(None)

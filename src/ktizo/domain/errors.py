@@ -1,0 +1,50 @@
+"""Errors in the domain's own words; each adapter maps them once (HTTP statuses live in ``api.errors``)."""
+
+from __future__ import annotations
+
+
+class KtizoError(Exception):
+    """Base of every error Ktizo raises on purpose."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class NotFound(KtizoError):
+    """The thing asked for does not exist."""
+
+
+class Conflict(KtizoError):
+    """The request collides with existing state (a duplicate MAC, a username taken)."""
+
+
+class InvalidTransition(Conflict):
+    """A state change the machine state machine does not allow."""
+
+
+class FailedPrecondition(Conflict):
+    """An operator request that needs something done first (cluster settings, a secrets bundle)."""
+
+
+class Unauthenticated(KtizoError):
+    """No credentials, or credentials that do not check out."""
+
+
+class PermissionDenied(KtizoError):
+    """Authenticated, but the role or the machine's state does not allow this."""
+
+
+class NotReady(KtizoError):
+    """Something the operator must provide first (a base config, a cluster) is missing."""
+
+
+class ValidationFailed(KtizoError):
+    """Input that is malformed; ``field`` names the offending field (dotted path) when there is one."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}" if self.field else self.message

@@ -1,0 +1,1 @@
+"""Background work of a running server: periodic jobs such as expiring discovered devices nobody approved."""

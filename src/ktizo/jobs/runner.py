@@ -1,0 +1,53 @@
+"""Periodic jobs, run inside ``ktizo serve``. Each run is one transaction; on PostgreSQL several replicas may
+run the same job at once, and ``SELECT … FOR UPDATE SKIP LOCKED`` keeps them from doing the same work twice."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ktizo.services.registry import Services
+
+log = logging.getLogger("ktizo.jobs")
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    every: float  # seconds
+    run: Callable[[], int]  # returns how many things it did, for the log
+
+
+def default_jobs(services: Services, discovery_timeout_hours: float) -> list[Job]:
+    timeout = dt.timedelta(hours=discovery_timeout_hours)
+    return [Job("expire-discovered", 60.0, lambda: services.netboot.expire_discovered(timeout))]
+
+
+class JobRunner:
+    def __init__(self, jobs: list[Job]) -> None:
+        self.jobs = jobs
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._loop(job), name=f"ktizo-job-{job.name}") for job in self.jobs]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    @staticmethod
+    async def _loop(job: Job) -> None:
+        while True:
+            try:
+                done = await asyncio.to_thread(job.run)
+                if done:
+                    log.info("job %s: %d done", job.name, done)
+            except Exception:  # a failing job must not stop the server; it is tried again next round
+                log.exception("job %s failed", job.name)
+            await asyncio.sleep(job.every)

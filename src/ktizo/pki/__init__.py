@@ -1,0 +1,1 @@
+"""Cryptography Ktizo does for itself: sealing secrets at rest (and, later, its CA and CSR signing)."""

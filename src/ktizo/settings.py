@@ -1,0 +1,96 @@
+"""Ktizo's settings: one typed object read from ``KTIZO_*`` environment variables and CLI options.
+
+Nothing reads settings at import time; ``app.create_app`` and the CLI build one and pass it on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ktizo.pki.sealing import parse_keys
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KTIZO_", extra="ignore")
+
+    data_dir: Path = Field(Path("ktizo-data"), description="Holds the SQLite database and templates/base/.")
+    database_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL; default sqlite:///<data_dir>/ktizo.db. PostgreSQL: postgresql+psycopg://…",
+    )
+    host: str = "0.0.0.0"  # noqa: S104 - a provisioning server must be reachable from the machines it boots
+    port: int = 8000
+    talos_version: str = Field("v1.13", description="Talos version whose config format is served.")
+    max_body_bytes: int = Field(64 * 1024, description="Largest request body accepted by most endpoints.")
+    max_upload_bytes: int = Field(1024 * 1024, description="Largest base config upload.")
+    last_seen_interval: float = Field(
+        15.0,
+        description="Seconds between last_seen writes for a polling device (saves writes in a boot storm).",
+    )
+    render_cache_bytes: int = Field(256 * 1024 * 1024, description="Memory for rendered configs.")
+    secret_key: str | None = Field(
+        None, description="Seals the cluster secrets and base configs in the database (`ktizo secrets generate-key`)."
+    )
+    secret_key_file: Path | None = Field(None, description="A file holding the secret key(s), one per line.")
+    public_url: str | None = Field(
+        None,
+        description="How machines reach Ktizo, e.g. http://10.0.0.1:8000; used in iPXE scripts and talos.config "
+        "(default: the URL the request came in on).",
+    )
+    long_poll_seconds: float = Field(
+        60.0, description="How long a pending device's config request is held open waiting for approval (0: off)."
+    )
+    oauth_enabled: bool = Field(False, description="Boot Talos with the OAuth2 device flow (console codes).")
+    oauth_client_id: str = "ktizo"
+    discovery_timeout_hours: float = Field(24.0, description="Never-approved discovered devices expire after this.")
+    discovery_subnets: list[str] = Field(
+        default_factory=list, description="Only DHCP leases in these CIDRs register devices (empty: all)."
+    )
+    require_lease_ip: bool = Field(
+        False, description="A config download must come from the MAC's current DHCP lease IP (second factor)."
+    )
+    assets_base_url: str = Field(
+        "https://factory.talos.dev/image/376567988ad370138ad8b2698212367b8edcb69b5fd68c80be1f2ec7d603b4ba",
+        description="Talos image factory URL (schematic) to fetch vmlinuz/initramfs from.",
+    )
+    pxe_interface: str | None = Field(None, description="Interface dnsmasq listens on for PXE.")
+    dhcp_mode: str = Field("proxy", description="proxy (next to an existing DHCP server) or full (with a range).")
+    dhcp_range: str | None = Field(None, description="For full DHCP: START,END[,LEASE], e.g. 10.0.0.100,10.0.0.200,12h")
+    log_level: str = "info"
+    access_log: bool = Field(
+        False, description="Log every HTTP request (a boot storm makes thousands; the audit log has what matters)."
+    )
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    def secret_keys(self) -> list[str]:
+        """The sealing keys, newest first (the first seals, all open: how a key is rotated)."""
+        text = self.secret_key or ""
+        if self.secret_key_file is not None:
+            text = self.secret_key_file.read_text() + "," + text
+        return parse_keys(text)
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.data_dir / 'ktizo.db'}"
+
+    @property
+    def base_templates_dir(self) -> Path:
+        return self.data_dir / "templates" / "base"
+
+    @property
+    def assets_dir(self) -> Path:
+        return self.data_dir / "assets"
+
+    @property
+    def pxe_dir(self) -> Path:
+        """dnsmasq's state: its config, lease file, TFTP root and the DHCP event token."""
+        return self.data_dir / "pxe"

@@ -1,0 +1,87 @@
+"""Approve by console code: the operator types the code a Talos console shows (Talos's OAuth device flow),
+sees which machine it belongs to, and approves it with hostname, IP and role. The machine's next token poll,
+a few seconds later, gets its config."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+
+from ktizo.domain.errors import KtizoError, NotFound, ValidationFailed
+from ktizo.web.devices import APPROVE_FIELDS, _approve_changes, network_hint
+from ktizo.web.forms import Errors, note_error, text
+from ktizo.web.routing import WebRoute
+from ktizo.web.session import CheckedForm, CurrentUser, services_of
+from ktizo.web.templating import page
+
+router = APIRouter(route_class=WebRoute, include_in_schema=False)
+
+
+@router.get("/ui/device-codes")
+def device_codes(request: Request, user: CurrentUser) -> Response:
+    """Talos prints this page's URL (and a QR code of it with ``?code=``) on the machine's console."""
+    services = services_of(request)
+    code = request.query_params.get("code", "")[:16].strip()
+    errors: Errors = {}
+    device = None
+    if code and user.can_operate:
+        try:
+            device = services.netboot.lookup_code(user.actor, code)
+        except (NotFound, ValidationFailed) as exc:
+            errors["code"] = exc.message
+    return page(
+        request,
+        "device_codes.html",
+        user,
+        nav="codes",
+        code=code,
+        device=device,
+        errors=errors,
+        values={"hostname": "", "ip_address": "", "role": "worker", "notes": ""},
+        hint=network_hint(services),
+        status_code=404 if errors else 200,
+        approved=None,
+    )
+
+
+@router.post("/ui/device-codes/approve")
+def approve_by_code(request: Request, user: CurrentUser, form: CheckedForm) -> Response:
+    services = services_of(request)
+    code = text(form, "code", 16).strip()
+    errors: Errors = {}
+    changes, values = _approve_changes(form, errors)
+    device = None
+    if not errors:
+        try:
+            device = services.netboot.approve_code(user.actor, code, changes)
+        except KtizoError as exc:
+            note_error(errors, exc, (*APPROVE_FIELDS, "code"))
+    if device is not None and not errors:
+        return page(
+            request,
+            "device_codes.html",
+            user,
+            nav="codes",
+            code="",
+            device=None,
+            errors={},
+            values={},
+            hint=network_hint(services),
+            approved=device,
+        )
+    try:
+        device = services.netboot.lookup_code(user.actor, code) if code else None
+    except KtizoError:
+        device = None
+    return page(
+        request,
+        "device_codes.html",
+        user,
+        nav="codes",
+        code=code,
+        device=device,
+        errors=errors,
+        values=values,
+        hint=network_hint(services),
+        status_code=422,
+        approved=None,
+    )

@@ -1,0 +1,108 @@
+"""The console-code page (Talos's verification_uri): look a code up, approve the machine showing it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from ktizo.app import build_services, create_app
+from ktizo.domain.users import UserRole
+from ktizo.services.context import Actor
+from ktizo.settings import Settings
+from ktizo.web.session import CSRF_FIELD, SESSION_COOKIE, csrf_token
+
+MAC = "52:54:00:77:00:01"
+
+
+def test_an_operator_approves_the_machine_showing_a_code(tmp_path: Path, database_url: str, bases: Path) -> None:
+    settings = Settings(
+        data_dir=bases.parent.parent, database_url=database_url, long_poll_seconds=0, oauth_enabled=True
+    )
+    services = build_services(settings)
+    try:
+        services.users.create(Actor.system(), "olga", UserRole.OPERATOR, None)
+        session = services.users.create_token(Actor.system(), "olga", name="web session")
+        with TestClient(create_app(settings, services)) as client:
+            flow = client.post("/device/code", data={"client_id": "ktizo", "mac": MAC}).json()
+            client.cookies.set(SESSION_COOKIE, session, path="/ui")
+
+            page = client.get(f"/ui/device-codes?code={flow['user_code'].lower()}")
+            assert page.status_code == 200
+            assert MAC in page.text
+            assert '<label for="hostname">Hostname</label>' in page.text
+
+            wrong = client.get("/ui/device-codes?code=BBBB-BBBB")
+            assert wrong.status_code == 404
+            assert "no machine is waiting with console code BBBB-BBBB" in wrong.text
+
+            forged = client.post("/ui/device-codes/approve", data={"code": flow["user_code"], "hostname": "x1"})
+            assert forged.status_code == 403
+
+            done = client.post(
+                "/ui/device-codes/approve",
+                data={
+                    CSRF_FIELD: csrf_token(session),
+                    "code": flow["user_code"],
+                    "hostname": "Node-07",
+                    "ip_address": "10.0.9.7/24",
+                    "role": "controlplane",
+                    "notes": "",
+                },
+            )
+            assert done.status_code == 200
+            assert "Approved" in done.text
+            device = services.devices.resolve(MAC)
+            assert (device.status, device.hostname, device.ip_address, device.role, device.approved_by) == (
+                "approved",
+                "node-07",
+                "10.0.9.7/24",
+                "controlplane",
+                "olga",
+            )
+
+            token = client.post(
+                "/token",
+                data={
+                    "grant_type": "urn:ietf:params:oauth:grant-type:device_code",
+                    "device_code": flow["device_code"],
+                    "client_id": "ktizo",
+                },
+            )
+            assert token.status_code == 200
+            config = client.get(
+                f"/api/v1/config/download?mac={MAC}",
+                headers={"Authorization": f"Bearer {token.json()['access_token']}"},
+            )
+            assert config.status_code == 200
+            assert "hostname: node-07" in config.text
+    finally:
+        services.db.dispose()
+
+
+def test_a_bad_field_is_shown_next_to_it_and_nothing_is_approved(tmp_path: Path, database_url: str) -> None:
+    settings = Settings(data_dir=tmp_path / "data", database_url=database_url, long_poll_seconds=0, oauth_enabled=True)
+    services = build_services(settings)
+    try:
+        services.users.create(Actor.system(), "olga", UserRole.OPERATOR, None)
+        session = services.users.create_token(Actor.system(), "olga", name="web session")
+        with TestClient(create_app(settings, services)) as client:
+            flow = client.post("/device/code", data={"client_id": "ktizo", "mac": MAC}).json()
+            client.cookies.set(SESSION_COOKIE, session, path="/ui")
+            r = client.post(
+                "/ui/device-codes/approve",
+                data={
+                    CSRF_FIELD: csrf_token(session),
+                    "code": flow["user_code"],
+                    "hostname": "<script>x</script>",
+                    "ip_address": "",
+                    "role": "worker",
+                    "notes": "",
+                },
+            )
+            assert r.status_code == 422
+            assert "RFC 1123" in r.text
+            assert "<script>x</script>" not in r.text
+            assert services.devices.resolve(MAC).status == "pending"
+    finally:
+        services.db.dispose()
