@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -124,5 +126,8 @@ def csrf_of(page: Page) -> str:
 
 
 def screenshot(page: Page, name: str, *, full_page: bool = True) -> None:
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOTS / name), full_page=full_page)
+    """Take the picture every run (it proves the page renders); keep it in docs/ only when asked to, so a test
+    run leaves the working tree as it found it: ``KTIZO_SCREENSHOTS=1 python3 -m pytest tests/web``."""
+    target = SCREENSHOTS if os.environ.get("KTIZO_SCREENSHOTS") == "1" else Path(tempfile.gettempdir()) / "ktizo-shots"
+    target.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(target / name), full_page=full_page)

@@ -186,6 +186,29 @@ def test_bulk_reject_every_pending_device_matching_the_filter(page: Page, live: 
     assert live.device(other).status == "pending"
 
 
+def test_a_search_keeps_the_open_bulk_panel_and_what_was_typed_in_it(
+    page: Page, live: Live, people: dict[str, str]
+) -> None:
+    _pending_rack(live, 2)
+    assert live.talos_get(mac="52:54:00:dd:00:01").status_code == 403
+    login(page, people["operator"])
+    page.locator("#bulk-panel summary").click()
+    page.get_by_label("Hostname pattern").fill("edge-{n:02d}")
+    page.locator("#bulk-panel").get_by_label("Notes").fill("rack 9")
+    # Typing fires a delayed search and Enter sends another: two re-draws of the list, the panel survives both.
+    page.get_by_label("Search").fill("52:54:00:bb")
+    page.get_by_label("Search").press("Enter")
+    expect(page.locator("tbody.device")).to_have_count(2)
+    expect(page).to_have_url(re.compile(r"q=52%3A54%3A00%3Abb"))
+    page.wait_for_timeout(600)  # past the typing delay, so the second re-draw has landed
+    expect(page.locator("#bulk-panel")).to_have_attribute("open", "")
+    expect(page.get_by_label("Hostname pattern")).to_have_value("edge-{n:02d}")
+    expect(page.locator("#bulk-panel").get_by_label("Notes")).to_have_value("rack 9")
+    expect(page.get_by_label(re.compile("take every pending device"))).to_be_visible()
+    expect(page.get_by_label(re.compile("take every pending device"))).not_to_be_checked()
+    expect(page.locator("#bulk-panel")).to_contain_text("matching “52:54:00:bb”")
+
+
 def test_detail_page_history_preview_edit_revoke_and_delete(
     page: Page, live: Live, people: dict[str, str], bases: Path
 ) -> None:

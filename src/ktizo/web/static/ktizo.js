@@ -101,6 +101,31 @@
     document.body.addEventListener("htmx:sendError", function (event) {
       if (!(event.detail.elt && event.detail.elt.id === "poller")) notice("Ktizo did not answer. Is the server up?");
     });
+    // A search re-draws the whole list, bulk panel included. What the operator opened, ticked or typed there
+    // survives the re-draw; a search typed and then sent with Enter (two requests) must not close the panel.
+    var kept = null;
+    document.body.addEventListener("htmx:beforeSwap", function (event) {
+      var panel = document.getElementById("bulk-panel");
+      if (!panel || event.detail.target.id !== "device-list") return;
+      kept = { open: panel.open, fields: {} };
+      panel.querySelectorAll("input[name], select[name]").forEach(function (el) {
+        if (el.type === "hidden") return;
+        kept.fields[el.name] = el.type === "checkbox" ? el.checked : el.value;
+      });
+    });
+    document.body.addEventListener("htmx:afterSwap", function () {
+      var panel = document.getElementById("bulk-panel");
+      if (!kept || !panel) return;
+      var state = kept;
+      kept = null;
+      if (state.open) panel.open = true;
+      Object.keys(state.fields).forEach(function (name) {
+        var el = panel.querySelector("[name='" + name + "']");
+        if (!el) return;
+        if (el.type === "checkbox") el.checked = el.checked || state.fields[name];
+        else if (!el.value) el.value = state.fields[name];
+      });
+    });
     // A row that arrived by polling but was already drawn (it came in while the page was rendering): keep the
     // one on the page, which may hold an open form.
     document.body.addEventListener("htmx:afterSettle", function () {
