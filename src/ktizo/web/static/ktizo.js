@@ -101,6 +101,21 @@
     document.body.addEventListener("htmx:sendError", function (event) {
       if (!(event.detail.elt && event.detail.elt.id === "poller")) notice("Ktizo did not answer. Is the server up?");
     });
+    // Typing starts a search after a pause and Enter sends one at once: the same query twice within a second is
+    // asked once, so the list is not re-drawn under the operator's cursor. Enter later still refreshes.
+    var lastSearch = { key: null, at: 0 };
+    // (htmx:confirm comes before hx-sync aborts the request in flight; cancelling later would lose both.)
+    document.body.addEventListener("htmx:confirm", function (event) {
+      var elt = event.detail.elt;
+      if (!elt || !elt.matches || !elt.matches("form.search")) return;
+      var key = new URLSearchParams(new FormData(elt)).toString();
+      var now = Date.now();
+      if (key === lastSearch.key && now - lastSearch.at < 1000) {
+        event.preventDefault();
+        return;
+      }
+      lastSearch = { key: key, at: now };
+    });
     // A search re-draws the whole list, bulk panel included. What the operator opened, ticked or typed there
     // survives the re-draw; a search typed and then sent with Enter (two requests) must not close the panel.
     var kept = null;
