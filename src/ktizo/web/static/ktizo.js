@@ -142,12 +142,20 @@
       });
     });
     // A row that arrived by polling but was already drawn (it came in while the page was rendering): keep the
-    // one on the page, which may hold an open form.
+    // one holding an open form, else the one that was there first.
+    function extra(a, b) {
+      if (a.classList.contains("is-open") !== b.classList.contains("is-open")) {
+        return a.classList.contains("is-open") ? b : a;
+      }
+      return b.classList.contains("is-new") ? b : a;
+    }
     document.body.addEventListener("htmx:afterSettle", function () {
       var seen = {};
       document.querySelectorAll("table.devices tbody.device").forEach(function (body) {
         if (seen[body.id]) {
-          (body.classList.contains("is-new") ? body : seen[body.id]).remove();
+          var gone = extra(seen[body.id], body);
+          gone.remove();
+          if (gone === seen[body.id]) seen[body.id] = body;
         } else {
           seen[body.id] = body;
         }
