@@ -148,6 +148,28 @@ def test_identity_binding_refuses_another_uuid_until_cleared(
     assert _device(client, ops)["uuid"] == other  # re-bound to what it reported next
 
 
+def test_leaving_the_uuid_out_is_no_way_around_the_binding(
+    client: TestClient, ops: dict[str, str], bases: Path
+) -> None:
+    talos_get(client, mac=MAC, uuid=UUID, serial="SN-1")
+    dev = _device(client, ops)
+    client.post(f"/api/v1/devices/{dev['id']}/approve", headers=ops)
+    for unproven in (
+        talos_get(client, mac=MAC),
+        talos_get(client, mac=MAC, uuid="${uuid}", serial="SN-1"),
+        client.post("/api/v1/config/download", json={"mac_address": MAC}),
+    ):
+        assert unproven.status_code == 403
+        assert "bound to uuid " + UUID in unproven.text and "Put uuid=${uuid} in the talos.config URL" in unproven.text
+        assert "machine:" not in unproven.text
+    events = client.get(f"/api/v1/audit?device_id={dev['id']}&action=identity_mismatch", headers=ops).json()
+    assert events["total"] == 3
+    assert events["items"][0]["details"]["uuid"] == {"bound": UUID, "claimed": None}
+    assert talos_get(client, mac=MAC, uuid=UUID, serial="SN-1").status_code == 200
+    client.post(f"/api/v1/devices/{dev['id']}/unbind", headers=ops)
+    assert talos_get(client, mac=MAC).status_code == 200  # an operator cleared the binding: the MAC alone will do
+
+
 def test_legacy_uuid_only_form_identifies_the_machine(client: TestClient, ops: dict[str, str], bases: Path) -> None:
     r = client.get(f"/api/v1/config/download?uuid={UUID}", headers=TALOS_HEADERS)
     assert r.status_code == 403

@@ -8,7 +8,10 @@ from fastapi.testclient import TestClient
 
 from ktizo.app import build_services, create_app
 from ktizo.domain.users import UserRole
+from ktizo.services.audit import AuditQuery
 from ktizo.services.context import Actor
+from ktizo.services.netboot import CODE_MISSES_ALLOWED
+from ktizo.services.registry import Services
 from ktizo.settings import Settings
 from ktizo.web.session import CSRF_FIELD, SESSION_COOKIE, csrf_token
 
@@ -26,13 +29,19 @@ def test_an_operator_approves_the_machine_showing_a_code(tmp_path: Path, databas
         with TestClient(create_app(settings, services)) as client:
             flow = client.post("/device/code", data={"client_id": "ktizo", "mac": MAC}).json()
             client.cookies.set(SESSION_COOKIE, session, path="/ui")
+            csrf = csrf_token(session)
 
-            page = client.get(f"/ui/device-codes?code={flow['user_code'].lower()}")
+            # The link Talos shows (verification_uri_complete) fills the code in; looking it up is one click more.
+            link = client.get(f"/ui/device-codes?code={flow['user_code'].lower()}")
+            assert link.status_code == 200
+            assert f'value="{flow["user_code"].lower()}"' in link.text and MAC not in link.text
+
+            page = client.post("/ui/device-codes", data={CSRF_FIELD: csrf, "code": flow["user_code"].lower()})
             assert page.status_code == 200
             assert MAC in page.text
             assert '<label for="hostname">Hostname</label>' in page.text
 
-            wrong = client.get("/ui/device-codes?code=BBBB-BBBB")
+            wrong = client.post("/ui/device-codes", data={CSRF_FIELD: csrf, "code": "BBBB-BBBB"})
             assert wrong.status_code == 404
             assert "no machine is waiting with console code BBBB-BBBB" in wrong.text
 
@@ -42,7 +51,7 @@ def test_an_operator_approves_the_machine_showing_a_code(tmp_path: Path, databas
             done = client.post(
                 "/ui/device-codes/approve",
                 data={
-                    CSRF_FIELD: csrf_token(session),
+                    CSRF_FIELD: csrf,
                     "code": flow["user_code"],
                     "hostname": "Node-07",
                     "ip_address": "10.0.9.7/24",
@@ -104,5 +113,58 @@ def test_a_bad_field_is_shown_next_to_it_and_nothing_is_approved(tmp_path: Path,
             assert "RFC 1123" in r.text
             assert "<script>x</script>" not in r.text
             assert services.devices.resolve(MAC).status == "pending"
+    finally:
+        services.db.dispose()
+
+
+def _misses(services: Services, actor: str) -> int:
+    return services.audit.list(AuditQuery(action="device_code_miss", actor=actor))[1]
+
+
+def test_only_a_posted_lookup_counts_a_miss(tmp_path: Path, database_url: str) -> None:
+    """A miss counts toward the lockout, so only a CSRF-checked POST may cause one: the browser of a signed-in
+    operator sends the session cookie (SameSite=Lax) on any site's top-level GET to the page."""
+    settings = Settings(data_dir=tmp_path / "data", database_url=database_url, long_poll_seconds=0, oauth_enabled=True)
+    services = build_services(settings)
+    try:
+        services.users.create(Actor.system(), "olga", UserRole.OPERATOR, None)
+        session = services.users.create_token(Actor.system(), "olga", name="web session")
+        with TestClient(create_app(settings, services)) as client:
+            flow = client.post("/device/code", data={"client_id": "ktizo", "mac": MAC}).json()
+            client.cookies.set(SESSION_COOKIE, session, path="/ui")
+            for i in range(CODE_MISSES_ALLOWED + 2):
+                guess = "BBBB-BB" + "BCDFGHJKLMNP"[i] + "Z"
+                r = client.get(f"/ui/device-codes?code={guess}")
+                assert r.status_code == 200 and f'value="{guess}"' in r.text
+                assert "no machine is waiting" not in r.text
+            assert _misses(services, "olga") == 0
+
+            forged = client.post("/ui/device-codes", data={"code": "BBBB-BBBB"})
+            assert forged.status_code == 403 and _misses(services, "olga") == 0
+
+            # Not locked out: the right code still finds the machine, and a posted wrong one counts.
+            found = client.post("/ui/device-codes", data={CSRF_FIELD: csrf_token(session), "code": flow["user_code"]})
+            assert found.status_code == 200 and MAC in found.text
+            wrong = client.post("/ui/device-codes", data={CSRF_FIELD: csrf_token(session), "code": "BBBB-BBBB"})
+            assert wrong.status_code == 404 and _misses(services, "olga") == 1
+    finally:
+        services.db.dispose()
+
+
+def test_the_posted_lookup_still_locks_out_a_guesser(tmp_path: Path, database_url: str) -> None:
+    settings = Settings(data_dir=tmp_path / "data", database_url=database_url, long_poll_seconds=0, oauth_enabled=True)
+    services = build_services(settings)
+    try:
+        services.users.create(Actor.system(), "olga", UserRole.OPERATOR, None)
+        session = services.users.create_token(Actor.system(), "olga", name="web session")
+        with TestClient(create_app(settings, services)) as client:
+            flow = client.post("/device/code", data={"client_id": "ktizo", "mac": MAC}).json()
+            client.cookies.set(SESSION_COOKIE, session, path="/ui")
+            csrf = csrf_token(session)
+            for _ in range(CODE_MISSES_ALLOWED):
+                assert client.post("/ui/device-codes", data={CSRF_FIELD: csrf, "code": "BBBB-BBBB"}).status_code == 404
+            locked = client.post("/ui/device-codes", data={CSRF_FIELD: csrf, "code": flow["user_code"]})
+            assert locked.status_code == 403 and "too many wrong console codes" in locked.text
+            assert MAC not in locked.text
     finally:
         services.db.dispose()

@@ -194,7 +194,7 @@ def test_device_flow_from_console_code_to_config(site: Site) -> None:
     r = client.get(url, headers={**TALOS_HEADERS, "Authorization": f"Basic {token}"})
     assert r.status_code == 403
     r = client.post("/api/v1/config/download", json={"mac_address": MAC})  # the seed's form is no way around it
-    assert r.status_code == 403 and "token" in r.json()["detail"]
+    assert r.status_code == 403 and r.json()["detail"].startswith("Device identity not proven")
     r = client.get(url, headers={**TALOS_HEADERS, "Authorization": f"Bearer {token}"})
     assert r.status_code == 200, r.text
     assert r.headers["content-type"] == "application/yaml"
@@ -204,7 +204,7 @@ def test_device_flow_from_console_code_to_config(site: Site) -> None:
     actions = [
         e["action"] for e in client.get(f"/api/v1/audit?device_id={dev['id']}", headers=site.ops).json()["items"]
     ]
-    assert actions[:3] == ["config_download", "device_token", "approve"]
+    assert actions[:4] == ["config_download", "identity_mismatch", "device_token", "approve"]
 
 
 def test_another_machines_token_does_not_open_this_config(site: Site) -> None:
@@ -258,11 +258,36 @@ def test_rejected_machine_gets_access_denied(site: Site) -> None:
 
 
 def test_a_device_approved_directly_also_gets_its_token(site: Site) -> None:
+    """The operator approves from the device list while the machine waits with its code on the console."""
     flow = started(site)
     [dev] = site.client.get("/api/v1/devices", headers=site.ops).json()
     site.client.post(f"/api/v1/devices/{dev['id']}/approve", json={"hostname": "direct"}, headers=site.ops)
     r = poll(site.client, flow["device_code"])
     assert r.status_code == 200 and r.json()["token_type"] == "Bearer"
+
+
+def test_naming_an_approved_mac_does_not_buy_a_token(site: Site) -> None:
+    """Anyone can start a flow with a MAC they saw on the wire. After the machine was approved, such a flow
+    waits for its own code to be approved, with or without the right UUID, and gets no config."""
+    flow = started(site)
+    assert site.client.post(f"/api/v1/device-codes/{flow['user_code']}/approve", json={}, headers=site.ops).is_success
+    assert poll(site.client, flow["device_code"]).status_code == 200
+
+    for form in ({"uuid": ""}, {"uuid": UUID}):
+        r = site.client.post("/device/code", data={"client_id": "ktizo", "scope": "openid", "mac": MAC, **form})
+        assert r.status_code == 200, r.text
+        oauth_error(poll(site.client, r.json()["device_code"]), "authorization_pending")
+    tokenless = site.client.get(talos_url(mac=MAC, uuid=UUID, serial="SN-1"), headers=TALOS_HEADERS)
+    assert tokenless.status_code == 403
+
+
+def test_a_flow_that_hid_its_uuid_needs_its_own_code_even_when_the_device_is_approved_directly(site: Site) -> None:
+    real = started(site)
+    spoof = site.client.post("/device/code", data={"client_id": "ktizo", "scope": "openid", "mac": MAC}).json()
+    [dev] = site.client.get("/api/v1/devices", headers=site.ops).json()
+    site.client.post(f"/api/v1/devices/{dev['id']}/approve", json={"hostname": "direct"}, headers=site.ops)
+    oauth_error(poll(site.client, spoof["device_code"]), "authorization_pending")
+    assert poll(site.client, real["device_code"]).status_code == 200
 
 
 def test_unknown_device_code_is_invalid_grant(site: Site) -> None:

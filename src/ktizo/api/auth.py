@@ -13,7 +13,7 @@ from ktizo.services.users import SESSION_TTL
 router = APIRouter(prefix="/api/v1/auth", tags=["auth"])
 
 
-@router.post("/login", response_model=TokenOut, responses=responses(401))
+@router.post("/login", response_model=TokenOut, responses=responses(401, 429))
 def login(body: LoginIn, request: Request, services: ServicesDep) -> TokenOut:
     principal = services.users.authenticate(body.username, body.password, client_ip(request))
     actor = principal.actor(client_ip(request))

@@ -9,11 +9,12 @@ from fastapi import APIRouter, Body, Path, Query, Response
 from ktizo.api.deps import Operator, ServicesDep, Viewer
 from ktizo.api.errors import responses
 from ktizo.api.schemas import ApproveIn, DeviceCreate, DeviceOut, DeviceUpdate, RejectIn
+from ktizo.domain.bounds import MAX_ID
 from ktizo.domain.devices import DeviceStatus
 from ktizo.services.devices import UNSET, DeviceChanges, DeviceQuery
 
 router = APIRouter(prefix="/api/v1/devices", tags=["devices"])
-DeviceId = Annotated[int, Path(ge=1, le=2**31 - 1, description="The device's id")]
+DeviceId = Annotated[int, Path(ge=1, le=MAX_ID, description="The device's id")]
 _ERRORS = responses(401, 403, 404)
 
 

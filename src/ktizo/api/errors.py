@@ -15,6 +15,7 @@ from ktizo.domain.errors import (
     NotFound,
     NotReady,
     PermissionDenied,
+    TooManyAttempts,
     Unauthenticated,
     ValidationFailed,
 )
@@ -26,6 +27,7 @@ STATUS: dict[type[KtizoError], int] = {
     NotFound: 404,
     InvalidTransition: 409,
     Conflict: 409,
+    TooManyAttempts: 429,
     NotReady: 503,
 }
 
@@ -67,6 +69,7 @@ def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
         404: "Not found",
         409: "Conflicts with the current state",
         413: "Request body too large",
+        429: "Too many failed attempts: wait `Retry-After` seconds",
         503: "Not ready: something must be configured first",
     }
     return {code: {"model": ErrorOut, "description": text.get(code, "Error")} for code in codes}
@@ -75,7 +78,11 @@ def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
 def install(app: FastAPI) -> None:
     async def handle(_request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, KtizoError)
-        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthenticated) else None
+        headers = None
+        if isinstance(exc, Unauthenticated):
+            headers = {"WWW-Authenticate": "Bearer"}
+        elif isinstance(exc, TooManyAttempts):
+            headers = {"Retry-After": str(exc.retry_after)}
         return JSONResponse(error_body(exc), status_code=status_for(exc), headers=headers)
 
     app.add_exception_handler(KtizoError, handle)

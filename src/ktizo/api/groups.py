@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ktizo.api.deps import Admin, Operator, ServicesDep, Viewer
 from ktizo.api.errors import ValidationErrorOut, responses
 from ktizo.db.models import DeviceGroup
+from ktizo.domain.bounds import MAX_ID
 
 router = APIRouter(prefix="/api/v1/groups", tags=["groups"])
 GroupRef = Annotated[str, Path(max_length=63, description="Group id or name")]
@@ -53,8 +54,8 @@ class GroupIn(BaseModel):
 class MembersIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    add: Annotated[list[Annotated[int, Field(ge=1, le=2**31 - 1)]], Field(max_length=10000)] = []
-    remove: Annotated[list[Annotated[int, Field(ge=1, le=2**31 - 1)]], Field(max_length=10000)] = []
+    add: Annotated[list[Annotated[int, Field(ge=1, le=MAX_ID)]], Field(max_length=10000)] = []
+    remove: Annotated[list[Annotated[int, Field(ge=1, le=MAX_ID)]], Field(max_length=10000)] = []
 
 
 def _out(group: DeviceGroup, members: list[int]) -> GroupOut:

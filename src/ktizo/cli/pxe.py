@@ -268,7 +268,9 @@ def _write(path: Path, text: str, mode: int) -> None:
 
 @app.command(
     "dhcp-event",
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    # Options end at the first argument: the hostname after ACTION MAC IP is the DHCP client's choice, and
+    # "--server=…" there must not send the event, with the token, elsewhere.
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "allow_interspersed_args": False},
 )
 def dhcp_event(
     ctx: typer.Context,

@@ -46,6 +46,31 @@ def list_users(ctx: typer.Context) -> None:
     )
 
 
+@users_app.command("reset-password")
+@reports_errors
+def reset_password(ctx: typer.Context, username: str) -> None:
+    """Give a user a new random password and print it once (for a forgotten admin password too)."""
+    password = state(ctx).services().users.reset_password(Actor.cli(), username)
+    typer.echo(password)
+    typer.echo(f"new password for {username}: hand it over; they can sign in at once", err=True)
+
+
+@users_app.command("disable")
+@reports_errors
+def disable_user(ctx: typer.Context, username: str) -> None:
+    """Disable a user: their password and tokens stop working at once."""
+    user = state(ctx).services().users.set_disabled(Actor.cli(), username, True)
+    typer.echo(f"disabled {user.username}")
+
+
+@users_app.command("enable")
+@reports_errors
+def enable_user(ctx: typer.Context, username: str) -> None:
+    """Enable a disabled user again."""
+    user = state(ctx).services().users.set_disabled(Actor.cli(), username, False)
+    typer.echo(f"enabled {user.username}")
+
+
 @tokens_app.command("create")
 @reports_errors
 def create_token(

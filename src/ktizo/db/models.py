@@ -241,6 +241,10 @@ class DeviceCode(Base):
     access_token_hash: Mapped[str | None] = mapped_column(String(64), unique=True)
     token_expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     approved_by: Mapped[str | None] = mapped_column(String(64))
+    # What the machine said it was when it asked for the code: a device approved from the device list (not by
+    # its code) hands a token only to a flow that proved the identity the device is bound to.
+    uuid: Mapped[str | None] = mapped_column(String(36))
+    serial: Mapped[str | None] = mapped_column(String(128))
 
 
 class ServiceToken(Base):

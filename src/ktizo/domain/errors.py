@@ -35,6 +35,14 @@ class PermissionDenied(KtizoError):
     """Authenticated, but the role or the machine's state does not allow this."""
 
 
+class TooManyAttempts(KtizoError):
+    """Refused for now because of too many recent failures (logins, console codes); ``retry_after`` in seconds."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class NotReady(KtizoError):
     """Something the operator must provide first (a base config, a cluster) is missing."""
 

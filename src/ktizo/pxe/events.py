@@ -60,8 +60,10 @@ def parse_event(args: Sequence[str]) -> DhcpEvent:
         ip = ipaddress.ip_address(args[2])
     except ValueError:
         raise Skip(f"{args[2][:60]!r} is not an IP address") from None
-    hostname = args[3][:253] if len(args) > 3 and args[3] else None
-    return DhcpEvent(action, mac, str(ip), hostname)
+    hostname = args[3] if len(args) > 3 else ""
+    # The client chooses its hostname; one that starts with "-" is not a legal hostname (RFC 952/1123), and one
+    # that looks like an option must never be taken for one by whatever parses these arguments next.
+    return DhcpEvent(action, mac, str(ip), hostname[:253] if hostname and not hostname.startswith("-") else None)
 
 
 def in_subnets(ip: str, subnets: Sequence[str]) -> bool:
@@ -117,12 +119,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--server", default=DEFAULT_SERVER, help="Ktizo's URL")
     parser.add_argument("--token-file", type=Path, required=True)
     parser.add_argument("--subnet", action="append", default=[], help="only report leases in this CIDR")
-    parser.add_argument("event", nargs="*", help="ACTION MAC IP [HOSTNAME], as dnsmasq passes them")
+    # REMAINDER: options end at the first event argument even without "--", because the 4th argument is the
+    # hostname the DHCP client chose, and "--server=…" there must not redirect the event and its token.
+    parser.add_argument("event", nargs=argparse.REMAINDER, help="ACTION MAC IP [HOSTNAME], as dnsmasq passes them")
     try:
         options = parser.parse_args(argv)
     except SystemExit:
         return 0  # a hook that fails makes dnsmasq log errors on every lease: say nothing more than argparse did
-    line = handle(options.event, server=options.server, token_file=options.token_file, subnets=options.subnet)
+    event = options.event
+    if event[:1] == ["--"]:  # REMAINDER keeps the "--" the hook script puts before dnsmasq's arguments
+        event = event[1:]
+    line = handle(event, server=options.server, token_file=options.token_file, subnets=options.subnet)
     sys.stderr.write(line + "\n")
     return 0
 
@@ -132,12 +139,13 @@ if __name__ == "__main__":
 
 
 def hook_script(python: str, *, server: str, token_file: Path, subnets: Sequence[str] = ()) -> str:
-    """The executable dnsmasq's ``dhcp-script=`` points at (dnsmasq passes no arguments of our choosing)."""
+    """The executable dnsmasq's ``dhcp-script=`` points at (dnsmasq passes no arguments of our choosing, so
+    ``--`` keeps every one of them, the client's hostname included, from being read as an option)."""
     words = [python, "-m", "ktizo.pxe.events", "--server", server, "--token-file", str(token_file)]
     for subnet in subnets:
         words += ["--subnet", str(ipaddress.ip_network(subnet, strict=False))]
     return (
         "#!/bin/sh\n"
         "# Written by `ktizo pxe run`: dnsmasq runs this on every DHCP lease change.\n"
-        f'exec {" ".join(shlex.quote(w) for w in words)} "$@"\n'
+        f'exec {" ".join(shlex.quote(w) for w in words)} -- "$@"\n'
     )

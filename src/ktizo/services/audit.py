@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from ktizo.db import Database
 from ktizo.db.models import AuditEvent
+from ktizo.domain.bounds import as_utc, is_possible_id
 from ktizo.services.context import Actor
 
 ACTIONS = (
@@ -98,15 +99,19 @@ class AuditService:
     def list(self, q: AuditQuery) -> tuple[list[AuditEvent], int]:
         stmt = select(AuditEvent)
         if q.device_id is not None:
+            if not is_possible_id(q.device_id):  # no device ever had it; as a parameter it would be a driver error
+                return [], 0
             stmt = stmt.where(AuditEvent.device_id == q.device_id)
         if q.actor:
             stmt = stmt.where(AuditEvent.actor == q.actor)
         if q.action:
             stmt = stmt.where(AuditEvent.action == q.action)
+        # Adapters convert the times they parse already; this is the last check before the column converts them
+        # at bind time, where an overflow would be a StatementError.
         if q.since:
-            stmt = stmt.where(AuditEvent.at >= q.since)
+            stmt = stmt.where(AuditEvent.at >= as_utc(q.since, "since"))
         if q.until:
-            stmt = stmt.where(AuditEvent.at < q.until)
+            stmt = stmt.where(AuditEvent.at < as_utc(q.until, "until"))
         with self.db.read() as s:
             total = s.scalar(select(func.count()).select_from(stmt.subquery())) or 0
             rows = s.scalars(stmt.order_by(AuditEvent.id.desc()).limit(q.limit).offset(q.offset)).all()

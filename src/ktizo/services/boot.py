@@ -145,6 +145,9 @@ class BootService:
         status = DeviceStatus(device.status)
         if status is not DeviceStatus.APPROVED:
             return Answer(error=NotApproved(status), followup=self._touch(device, claim), device_id=device.id)
+        unproven = self._unproven_identity(device, claim)
+        if unproven is not None:
+            return Answer(error=unproven[0], followup=partial(self._record_mismatch, device, claim, unproven[1]))
         if self.require_lease_ip and device.lease_ip != claim.source_ip:
             # A spoofed MAC on another port has no lease for it: the lease IP is a second identity factor.
             return Answer(
@@ -219,6 +222,22 @@ class BootService:
             "An operator must check the machine and clear the binding."
         )
         return error, mismatch
+
+    @staticmethod
+    def _unproven_identity(device: BootDevice, claim: Claim) -> tuple[IdentityMismatch, dict[str, Any]] | None:
+        """A bound machine gets its config only by repeating what it is bound to: leaving the UUID out of the
+        request must not be a way around the binding (anyone can name a MAC seen on the wire)."""
+        if device.uuid and not claim.identifying_uuid:
+            factor, bound = "uuid", device.uuid
+        elif not device.uuid and device.serial and not claim.serial:
+            factor, bound = "serial", device.serial
+        else:
+            return None
+        error = IdentityMismatch(
+            f"Device identity not proven: this MAC is bound to {factor} {bound} and the request did not say its "
+            f"{factor}. Put {factor}=${{{factor}}} in the talos.config URL, or have an operator clear the binding."
+        )
+        return error, {factor: {"bound": bound, "claimed": None}}
 
     @staticmethod
     def _record_mismatch(device: BootDevice, claim: Claim, mismatch: dict[str, Any], s: Session) -> None:

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from ktizo.db import Database
 from ktizo.db.models import Device
 from ktizo.db.types import utcnow
+from ktizo.domain.bounds import is_possible_id, parse_id
 from ktizo.domain.devices import DeviceStatus, Role, Source, check_transition
 from ktizo.domain.errors import Conflict, NotFound, ValidationFailed
 from ktizo.domain.identity import normalize_interface_address, normalize_ip, normalize_mac
@@ -165,7 +166,10 @@ class DeviceService:
         """Find a device by id or by MAC in any spelling (what the CLI accepts)."""
         ref = ref.strip()
         if ref.isascii() and ref.isdigit() and len(ref) != 12:  # twelve digits is a bare MAC like 525400000001
-            return self.get(int(ref))
+            device_id = parse_id(ref)
+            if device_id is None:
+                raise NotFound(f"no device with id {ref}")
+            return self.get(device_id)
         mac = normalize_mac(ref, "device")
         with self.db.read() as s:
             device = s.scalar(select(Device).where(Device.mac_address == mac))
@@ -175,10 +179,12 @@ class DeviceService:
 
     @staticmethod
     def _get(s: Session, device_id: int, *, lock: bool = False) -> Device:
-        stmt = select(Device).where(Device.id == device_id)
-        if lock:
-            stmt = stmt.with_for_update()
-        device = s.scalar(stmt)
+        device = None
+        if is_possible_id(device_id):  # any other number is no row, and as a parameter it is a driver error
+            stmt = select(Device).where(Device.id == device_id)
+            if lock:
+                stmt = stmt.with_for_update()
+            device = s.scalar(stmt)
         if device is None:
             raise NotFound(f"no device with id {device_id}")
         return device

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 from ktizo.db import Database
 from ktizo.db.models import Device, DeviceGroup, GroupMember
 from ktizo.db.types import utcnow
+from ktizo.domain.bounds import is_possible_id, parse_id
 from ktizo.domain.devices import Role
 from ktizo.domain.errors import Conflict, NotFound, NotReady, ValidationFailed
 from ktizo.domain.identity import normalize_ip
@@ -93,11 +94,13 @@ class GroupService:
 
     @staticmethod
     def _get(s: Session, ref: str | int, *, lock: bool = False) -> DeviceGroup:
-        stmt = select(DeviceGroup)
-        if isinstance(ref, int) or (ref.isascii() and ref.isdigit()):
-            stmt = stmt.where(DeviceGroup.id == int(ref))
+        if isinstance(ref, int) or (ref.isascii() and ref.isdigit()):  # a name is never all digits (_normalise)
+            group_id = ref if isinstance(ref, int) else parse_id(ref)
+            if group_id is None or not is_possible_id(group_id):  # no row has it; as a parameter, a driver error
+                raise NotFound(f"no device group {ref}")
+            stmt = select(DeviceGroup).where(DeviceGroup.id == group_id)
         else:
-            stmt = stmt.where(DeviceGroup.name == ref)
+            stmt = select(DeviceGroup).where(DeviceGroup.name == ref)
         if lock:
             stmt = stmt.with_for_update()
         group = s.scalar(stmt)
@@ -176,7 +179,9 @@ class GroupService:
         actor.require(UserRole.OPERATOR)
         with self.db.write() as s:
             group = self._get(s, ref, lock=True)
-            known = set(s.scalars(select(Device.id).where(Device.id.in_(add + remove))))
+            # Ids no row can have stay out of the query (a driver error as parameters) and so are reported missing.
+            possible = [d for d in add + remove if is_possible_id(d)]
+            known = set(s.scalars(select(Device.id).where(Device.id.in_(possible))))
             missing = sorted(set(add + remove) - known)
             if missing:
                 raise NotFound(f"no device with id {missing[0]}")

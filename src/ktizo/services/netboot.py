@@ -402,6 +402,8 @@ class NetbootService:
                     user_code=user_code,
                     interval=POLL_INTERVAL,
                     expires_at=now + DEVICE_CODE_TTL,
+                    uuid=uuid_value,
+                    serial=serial_value,
                 )
             )
             audit.record(s, Actor.device(source_ip), "device_code", device, {"user_code": user_code})
@@ -450,7 +452,7 @@ class NetbootService:
             elif device is None or row.status == "denied" or device.status == DeviceStatus.REJECTED.value:
                 row.status = "denied"
                 error = OAuthError("access_denied", "an operator rejected this machine")
-            elif device.status != DeviceStatus.APPROVED.value:
+            elif device.status != DeviceStatus.APPROVED.value or not _vouched_for(row, device):
                 error = OAuthError("authorization_pending", "waiting for an operator to approve the code")
             else:
                 row.status = "consumed"
@@ -556,3 +558,17 @@ class NetbootService:
             if rows:
                 s.execute(delete(Device).where(Device.id.in_([d.id for d in rows])))
         return len(rows)
+
+
+def _vouched_for(code: DeviceCode, device: Device) -> bool:
+    """May this flow have the approved device's token? Yes when an operator approved this very code. When the
+    device was approved otherwise (device list, API, CLI), anyone can start a flow naming its MAC, so the flow
+    must have been waiting at the time of that approval and must have reported the SMBIOS identity the device
+    is bound to; any other flow needs its own code approved."""
+    if code.status == "approved":
+        return True
+    if device.approved_at is None or code.created_at > device.approved_at:
+        return False
+    if not device.uuid or code.uuid != device.uuid:
+        return False
+    return not (device.serial and code.serial and code.serial != device.serial)

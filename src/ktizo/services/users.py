@@ -15,15 +15,22 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from ktizo.db import Database
-from ktizo.db.models import ApiToken, User
+from ktizo.db.models import ApiToken, AuditEvent, User
 from ktizo.db.types import utcnow
-from ktizo.domain.errors import Conflict, NotFound, Unauthenticated, ValidationFailed
+from ktizo.domain.bounds import is_possible_id
+from ktizo.domain.errors import Conflict, NotFound, TooManyAttempts, Unauthenticated, ValidationFailed
 from ktizo.domain.users import UserRole, normalize_username
 from ktizo.services import audit
 from ktizo.services.context import Actor
 
 TOKEN_PREFIX = "ktz_"  # noqa: S105 - a public prefix, not a secret
 SESSION_TTL = dt.timedelta(hours=12)
+# Password guessing is throttled with what the audit log already holds (every failure is a row), so every
+# replica sees the same count. Per user name and source address, so a guesser elsewhere cannot lock the
+# administrator out; per source address too, so spraying many user names from one place stops as well.
+LOGIN_WINDOW = dt.timedelta(minutes=15)
+LOGIN_FAILURES_PER_USER = 10
+LOGIN_FAILURES_PER_SOURCE = 50
 _hasher = PasswordHasher()  # argon2-cffi's defaults are Argon2id with RFC 9106's low-memory profile
 # Verified against when the username does not exist, so that a miss costs as much time as a wrong password.
 _DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
@@ -126,6 +133,16 @@ class UserService:
             name = ""
         with self.db.read() as s:
             user = s.scalar(select(User).where(User.username == name)) if name else None
+            wait = self._login_wait(s, name or "?", source_ip, user.last_login_at if user else None)
+        if wait:
+            with self.db.write() as s:
+                actor = Actor(name=name or "?", kind="user", source_ip=source_ip)
+                audit.record(s, actor, "login_failed", None, {"throttled": True})
+            minutes = -(-wait // 60)
+            plural = "s" if minutes != 1 else ""
+            raise TooManyAttempts(
+                f"too many failed sign-ins from this address; try again in {minutes} minute{plural}", wait
+            )
         ok = False
         try:
             ok = _hasher.verify(user.password_hash if user and user.password_hash else _DUMMY_HASH, password)
@@ -139,6 +156,29 @@ class UserService:
             s.execute(update(User).where(User.id == user.id).values(last_login_at=utcnow()))
             audit.record(s, Actor.user(user.username, UserRole(user.role), source_ip), "login")
         return Principal(user.id, user.username, UserRole(user.role))
+
+    @staticmethod
+    def _login_wait(s: Session, name: str, source_ip: str | None, last_login: dt.datetime | None) -> int:
+        """Seconds until this user name may try again from this address; 0 when it may now."""
+        now = utcnow()
+        since = now - LOGIN_WINDOW
+        where_source = AuditEvent.source_ip.is_(None) if source_ip is None else AuditEvent.source_ip == source_ip
+        failures = (
+            select(func.count(), func.min(AuditEvent.at))
+            .select_from(AuditEvent)
+            .where(AuditEvent.action == "login_failed", AuditEvent.at >= since, where_source)
+        )
+        # A successful sign-in wipes the slate for that user: old typos do not count against them.
+        user_since = max(since, last_login) if last_login else since
+        checks = (
+            (failures.where(AuditEvent.actor == name, AuditEvent.at >= user_since), LOGIN_FAILURES_PER_USER),
+            (failures, LOGIN_FAILURES_PER_SOURCE),
+        )
+        for stmt, allowed in checks:
+            count, oldest = s.execute(stmt).one()
+            if count >= allowed and oldest is not None:
+                return max(1, int((oldest + LOGIN_WINDOW - now).total_seconds()) + 1)
+        return 0
 
     def create_token(self, actor: Actor, username: str, *, name: str = "", ttl: dt.timedelta | None = None) -> str:
         """Make a bearer token for ``username`` and return it; only its hash is stored."""
@@ -243,6 +283,8 @@ class UserService:
 
     def revoke_token_id(self, actor: Actor, token_id: int) -> TokenInfo:
         """Revoke a token by its id (an admin's, or its owner's own)."""
+        if not is_possible_id(token_id):  # no row has it; as a parameter it would be a driver error
+            raise NotFound(f"no token with id {token_id}")
         with self.db.write() as s:
             row = s.execute(select(ApiToken, User.username).join(User).where(ApiToken.id == token_id)).first()
             if row is None:

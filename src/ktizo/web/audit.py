@@ -7,7 +7,8 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
-from ktizo.domain.errors import KtizoError
+from ktizo.domain.bounds import as_utc
+from ktizo.domain.errors import KtizoError, ValidationFailed
 from ktizo.services.audit import ACTIONS, AuditQuery
 from ktizo.web.routing import WebRoute
 from ktizo.web.session import CurrentUser, services_of
@@ -36,11 +37,12 @@ def _time(value: str, errors: dict[str, str], name: str) -> dt.datetime | None:
     if not value:
         return None
     try:
-        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return as_utc(dt.datetime.fromisoformat(value.replace("Z", "+00:00")), name)
     except ValueError:
         errors[name] = "use a date and time such as 2026-11-22 14:00"
-        return None
-    return parsed.replace(tzinfo=dt.UTC) if parsed.tzinfo is None else parsed
+    except ValidationFailed as exc:
+        errors[name] = exc.message
+    return None
 
 
 @router.get("/ui/audit")

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import RedirectResponse
 from starlette.concurrency import run_in_threadpool
 
-from ktizo.domain.errors import NotFound, Unauthenticated
+from ktizo.domain.errors import NotFound, TooManyAttempts, Unauthenticated
 from ktizo.domain.users import UserRole
 from ktizo.services.context import Actor
 from ktizo.services.users import SESSION_TTL
@@ -91,6 +91,11 @@ async def login(request: Request) -> Response:
         principal = await run_in_threadpool(services.users.authenticate, username, password[:1024], ip)
     except Unauthenticated:
         return _login_page(request, error="Wrong username or password.", username=username, status_code=401)
+    except TooManyAttempts as exc:
+        message = exc.message[0].upper() + exc.message[1:] + "."
+        response = _login_page(request, error=message, username=username, status_code=429)
+        response.headers["Retry-After"] = str(exc.retry_after)
+        return response
     actor = Actor.user(principal.username, principal.role, ip)
     token = await run_in_threadpool(
         lambda: services.users.create_token(actor, principal.username, name="web session", ttl=SESSION_TTL)

@@ -15,12 +15,14 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.datastructures import QueryParams
 
 from ktizo.db.models import Device
 from ktizo.db.types import utcnow
+from ktizo.domain.bounds import as_utc
 from ktizo.domain.devices import DeviceStatus, Role
-from ktizo.domain.errors import KtizoError, NotFound
+from ktizo.domain.errors import KtizoError, NotFound, ValidationFailed
 from ktizo.domain.identity import normalize_hostname, normalize_interface_address
 from ktizo.services.audit import AuditQuery
 from ktizo.services.devices import UNSET, DeviceChanges, DeviceQuery
@@ -30,6 +32,25 @@ from ktizo.web.forms import Errors, note_error, parse, text, too_long
 from ktizo.web.routing import WebRoute, is_htmx
 from ktizo.web.session import CheckedForm, CurrentUser, WebUser, services_of
 from ktizo.web.templating import fragment, page, set_flash
+
+
+class IdConvertor(Convertor[int]):
+    """``{name:id}`` in a UI path: a row id, digits as for ``{name:int}``, but at most 100 of them.
+
+    Starlette's ``int`` calls ``int()`` while matching routes, before any sign-in check, and ``int()`` refuses
+    more than 4300 digits with ValueError: a 500 for anyone. An id has at most 10 digits (the services answer
+    "not found" for any number beyond the id range); a longer path matches no route and is a plain 404."""
+
+    regex = "[0-9]{1,100}"
+
+    def convert(self, value: str) -> int:
+        return int(value)
+
+    def to_string(self, value: int) -> str:
+        return str(value)
+
+
+register_url_convertor("id", IdConvertor())  # before the routes below (and in web.users) compile their paths
 
 router = APIRouter(route_class=WebRoute, include_in_schema=False)
 
@@ -260,10 +281,10 @@ def device_poll(request: Request, user: CurrentUser) -> HTMLResponse:
     services = services_of(request)
     params = ListParams.from_query(request.query_params)
     try:
-        since = dt.datetime.fromisoformat(request.query_params.get("since", "").replace("Z", "+00:00"))
-        if since.tzinfo is None:
-            since = since.replace(tzinfo=dt.UTC)
-    except ValueError:
+        # In UTC straight away: it goes back to the page as the next watermark (templating.stamp).
+        since = as_utc(dt.datetime.fromisoformat(request.query_params.get("since", "").replace("Z", "+00:00")), "since")
+    except (ValueError, ValidationFailed):
+        # The page's own watermark, mangled or out of range: start from now rather than fail every poll after.
         since = utcnow()
     counts, (rows, total) = counts_and_page(services, replace(params, page=1, per=50, sort="seen", desc=True).query())
     new = [d for d in rows if d.first_seen > since]
@@ -295,7 +316,7 @@ def _device_row(request: Request, user: WebUser, device: Device, *, status_code:
     )
 
 
-@router.get("/ui/devices/{device_id:int}/row")
+@router.get("/ui/devices/{device_id:id}/row")
 def device_row(request: Request, device_id: int, user: CurrentUser) -> Response:
     device = services_of(request).devices.get(device_id)
     editor = request.query_params.get("editor") == "1" and user.can_operate
@@ -333,7 +354,7 @@ def _approved_message(device: Device) -> str:
     return "Approved as " + " · ".join(parts) + ". It gets its config on its next request."
 
 
-@router.post("/ui/devices/{device_id:int}/approve")
+@router.post("/ui/devices/{device_id:id}/approve")
 def device_approve(request: Request, device_id: int, user: CurrentUser, form: CheckedForm) -> Response:
     services = services_of(request)
     errors: Errors = {}
@@ -353,7 +374,7 @@ def device_approve(request: Request, device_id: int, user: CurrentUser, form: Ch
     return detail_response(request, user, device, status_code=422, approve_values=values, approve_errors=errors)
 
 
-@router.post("/ui/devices/{device_id:int}/reject")
+@router.post("/ui/devices/{device_id:id}/reject")
 def device_reject(request: Request, device_id: int, user: CurrentUser, form: CheckedForm) -> Response:
     services = services_of(request)
     notes = text(form, "notes", 4096)
@@ -425,7 +446,7 @@ def detail_response(
     return page(request, "devices/detail.html", user, nav="devices", status_code=status_code, **context)
 
 
-@router.get("/ui/devices/{device_id:int}")
+@router.get("/ui/devices/{device_id:id}")
 def device_detail(request: Request, device_id: int, user: CurrentUser) -> Response:
     return detail_response(request, user, services_of(request).devices.get(device_id))
 
@@ -448,7 +469,7 @@ def _labels(value: str, errors: Errors) -> dict[str, str] | None:
         return None
 
 
-@router.post("/ui/devices/{device_id:int}/edit")
+@router.post("/ui/devices/{device_id:id}/edit")
 def device_edit(request: Request, device_id: int, user: CurrentUser, form: CheckedForm) -> Response:
     services = services_of(request)
     device = services.devices.get(device_id)
@@ -490,7 +511,7 @@ def device_edit(request: Request, device_id: int, user: CurrentUser, form: Check
     )
 
 
-@router.post("/ui/devices/{device_id:int}/unbind")
+@router.post("/ui/devices/{device_id:id}/unbind")
 def device_unbind(request: Request, device_id: int, user: CurrentUser, form: CheckedForm) -> Response:
     services_of(request).devices.unbind(user.actor, device_id)
     return _after_change(
@@ -498,7 +519,7 @@ def device_unbind(request: Request, device_id: int, user: CurrentUser, form: Che
     )
 
 
-@router.post("/ui/devices/{device_id:int}/delete")
+@router.post("/ui/devices/{device_id:id}/delete")
 def device_delete(request: Request, device_id: int, user: CurrentUser, form: CheckedForm) -> Response:
     services = services_of(request)
     try:

@@ -16,6 +16,7 @@ from ktizo.domain.errors import (
     NotFound,
     NotReady,
     PermissionDenied,
+    TooManyAttempts,
     Unauthenticated,
     ValidationFailed,
 )
@@ -42,6 +43,7 @@ _STATUS: tuple[tuple[type[KtizoError], int, str], ...] = (
     (PermissionDenied, 403, "Not allowed"),
     (NotFound, 404, "Not found"),
     (Conflict, 409, "That conflicts with the current state"),
+    (TooManyAttempts, 429, "Too many attempts"),
     (NotReady, 503, "Something must be set up first"),
 )
 

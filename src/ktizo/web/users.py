@@ -13,6 +13,7 @@ from fastapi.responses import RedirectResponse
 from ktizo.db.types import utcnow
 from ktizo.domain.errors import KtizoError, PermissionDenied
 from ktizo.domain.users import UserRole
+from ktizo.web import devices as _devices  # noqa: F401 - registers the {name:id} path convertor used below
 from ktizo.web.forms import Errors, note_error, text
 from ktizo.web.routing import WebRoute
 from ktizo.web.session import CheckedForm, CurrentUser, WebUser, services_of
@@ -150,7 +151,7 @@ def token_create(request: Request, user: CurrentUser, form: CheckedForm) -> Resp
     )
 
 
-@router.post("/ui/tokens/{token_id:int}/revoke")
+@router.post("/ui/tokens/{token_id:id}/revoke")
 def token_revoke(request: Request, token_id: int, user: CurrentUser, form: CheckedForm) -> Response:
     _require_admin(user)
     info = services_of(request).users.revoke_token_id(user.actor, token_id)
