@@ -7,16 +7,23 @@ from typing import Annotated, Any
 
 import typer
 
-from ktizo.cli.common import print_json, print_table, reports_errors, state
+from ktizo.cli.common import choices, fail, print_json, print_table, reports_errors, resolve_device, state, warn
 from ktizo.db.models import Device
 from ktizo.domain.devices import DeviceStatus, Role
+from ktizo.domain.errors import InvalidTransition
 from ktizo.domain.identity import normalize_hostname, normalize_interface_address
 from ktizo.services.context import Actor
 from ktizo.services.devices import DeviceChanges, DeviceQuery
+from ktizo.services.registry import Services
+from ktizo.services.render import GroupSpec
 
 app = typer.Typer(help="Machines at the door: list, inspect, approve, reject.", no_args_is_help=True)
 
 Ref = Annotated[str, typer.Argument(metavar="MAC|ID", help="Device id or MAC address (any spelling)")]
+Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")]
+Notes = Annotated[str | None, typer.Option(metavar="TEXT", help="Free text kept with the device (audited)")]
+Hostname = Annotated[str | None, typer.Option(metavar="NAME", help="RFC 1123 hostname")]
+Ip = Annotated[str | None, typer.Option(metavar="CIDR", help="Static address in CIDR form, e.g. 10.0.5.100/24")]
 _FIELDS = (
     "id",
     "mac_address",
@@ -36,6 +43,12 @@ _FIELDS = (
     "rejected_by",
     "last_config_download",
     "notes",
+    "labels",
+    "patch",
+    "install_disk",
+    "lease_ip",
+    "installed_at",
+    "extra_nics",
     "facts",
     "revision",
 )

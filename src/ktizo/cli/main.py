@@ -2,23 +2,69 @@
 
 from __future__ import annotations
 
+import io
 import logging
+import re
 from pathlib import Path
-from typing import Annotated
+from typing import IO, Annotated, Any, cast
 
 import typer
+from typer.core import TyperGroup
 
 from ktizo import __version__
 from ktizo.cli import assets, cluster, devices, groups, pxe, secrets, users
-from ktizo.cli.common import State, reports_errors, state
+from ktizo.cli.common import GLOBAL_OPTIONS_HINT, State, reports_errors, shown_url, state
 from ktizo.db.migrate import upgrade
 from ktizo.settings import Settings
 
+# The base of the errors Typer shows itself (usage errors, bad option values), in whichever click it runs on:
+# recent Typers carry their own copy.
+_ShownError = cast(type[Exception], typer.BadParameter.__mro__[2])
+
+
+def _reword(exc: Exception) -> None:
+    """Typer's own errors read ``Error: …``, every other one here ``error: …``; and an unknown --data-dir or
+    --database-url was a global option given after the command."""
+    message = getattr(exc, "message", None)
+    if isinstance(message, str) and re.match(r"No such option: --(data-dir|database-url)\b", message):
+        exc.message = f"{message}. {GLOBAL_OPTIONS_HINT}"  # type: ignore[attr-defined]
+    original = exc.show  # type: ignore[attr-defined]
+
+    def show(file: IO[Any] | None = None) -> None:
+        buffer = io.StringIO()
+        original(file=buffer)
+        text = re.sub(r"^Error: ", "error: ", buffer.getvalue(), flags=re.MULTILINE)
+        typer.echo(text, file=file, err=file is None, nl=False)
+
+    exc.show = show  # type: ignore[attr-defined]
+
+
+class _Root(TyperGroup):
+    # Subcommands are parsed inside the root's invoke: these two see every usage error.
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except _ShownError as exc:
+            _reword(exc)
+            raise
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except _ShownError as exc:
+            _reword(exc)
+            raise
+
+
 app = typer.Typer(
     name="ktizo",
+    cls=_Root,
     help="Ktizo: every new machine waits at the door until you approve it.\n\n"
-    "Start the server with `ktizo serve`; the other commands administer the same data directory "
-    "(or KTIZO_DATABASE_URL) from a shell.",
+    "Start the server with `ktizo serve`; the other commands work from a shell on the server's database, "
+    "through the same services, audited as the actor `cli`.\n\n"
+    "The global options --data-dir and --database-url go before the command: "
+    "`ktizo --data-dir /srv/ktizo devices list`. Without them the CLI uses KTIZO_DATA_DIR and "
+    "KTIZO_DATABASE_URL, else ./ktizo-data in the current directory.",
     no_args_is_help=True,
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
@@ -37,7 +83,12 @@ app.add_typer(db_app, name="db")
 
 DataDir = Annotated[
     Path | None,
-    typer.Option("--data-dir", envvar="KTIZO_DATA_DIR", help="Data directory [default: ./ktizo-data]"),
+    typer.Option(
+        "--data-dir",
+        envvar="KTIZO_DATA_DIR",
+        metavar="DIR",
+        help="The server's data directory (SQLite database, base configs) [default: ./ktizo-data]",
+    ),
 ]
 
 
@@ -56,7 +107,8 @@ def root(
         typer.Option(
             "--database-url",
             envvar="KTIZO_DATABASE_URL",
-            help="SQLAlchemy URL (default: SQLite in the data dir)",
+            metavar="URL",
+            help="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db [default: SQLite in the data dir]",
         ),
     ] = None,
     version: Annotated[
@@ -79,7 +131,9 @@ def serve(
     port: Annotated[int | None, typer.Option(help="Port to listen on [default: 8000]")] = None,
     data_dir: DataDir = None,
 ) -> None:
-    """Run the Ktizo server (upgrades the database first; creates `admin` on first start)."""
+    """Run the Ktizo server.
+
+    It upgrades the database first, and on first start creates the user `admin`."""
     import uvicorn
 
     from ktizo.app import create_app
@@ -98,26 +152,35 @@ def serve(
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     services = st.services(need_schema=False)
-    typer.echo(f"Database: {services.db.url}  (upgrading schema…)")
+    typer.echo(f"Database: {shown_url(services.db.url)}  (upgrading schema…)")
     upgrade(services.db)
     password = services.users.ensure_admin()
     url_host = "localhost" if settings.host in ("0.0.0.0", "::") else settings.host  # noqa: S104
-    base = f"http://{url_host}:{settings.port}"
+    local = f"http://{url_host}:{settings.port}"
     if password:
         typer.secho("\nCreated the first user: admin", bold=True)
-        typer.echo(f"  one-time password: {password}")
-        typer.echo(f"  It is shown only now. Log in at {base}/docs (POST /api/v1/auth/login), or make a token:")
-        typer.echo("  ktizo tokens create admin\n")
+        typer.echo(f"  initial password (shown once): {password}")
+        typer.echo(f"  Sign in at {local}/ui, or make an API token: ktizo tokens create admin")
+        typer.echo("  To replace it: reset it on the Users page, or run `ktizo users reset-password admin`.\n")
     missing = [r for r, v in services.cluster.base_status().items() if not v["present"]]
     if missing:
         typer.echo(
             f"No base config yet for: {', '.join(missing)}. Approved machines get 503 until you run "
             "`ktizo cluster set …` and `ktizo cluster generate`, or `ktizo cluster import-base ROLE FILE`."
         )
-    typer.echo(
-        f"Talos machines: talos.config={base}/api/v1/config/download?mac=${{mac}}&uuid=${{uuid}}&serial=${{serial}}"
-    )
-    typer.echo(f"API docs: {base}/docs")
+    download = "/api/v1/config/download?mac=${mac}&uuid=${uuid}&serial=${serial}"
+    if settings.public_url:
+        typer.echo(f"Talos machines: talos.config={settings.public_url.rstrip('/')}{download}")
+    elif url_host == "localhost":
+        # localhost is right for a browser on this machine, never for the machines that boot from it.
+        typer.echo(
+            f"Talos machines: talos.config=http://ADDRESS:{settings.port}{download}, with an ADDRESS the machines "
+            f"can reach. Set KTIZO_PUBLIC_URL (e.g. http://10.0.0.1:{settings.port}) so that iPXE scripts carry it."
+        )
+    else:
+        typer.echo(f"Talos machines: talos.config={local}{download}")
+    typer.echo(f"Web UI: {local}/ui")
+    typer.echo(f"API docs: {local}/docs")
     uvicorn.run(
         create_app(settings, services),
         host=settings.host,
@@ -136,7 +199,7 @@ def db_upgrade(ctx: typer.Context) -> None:
     """Create or upgrade the database schema to this release."""
     services = state(ctx).services(need_schema=False)
     upgrade(services.db)
-    typer.echo(f"database at {services.db.url} is up to date")
+    typer.echo(f"database at {shown_url(services.db.url)} is up to date")
 
 
 def main() -> None:

@@ -49,6 +49,9 @@ class Device(Base):
             sqlite_where=text("mac_address IS NULL"),
             postgresql_where=text("mac_address IS NULL"),
         ),
+        # The audit log refers to devices by id after they are deleted: SQLite must never hand a deleted
+        # device's id to a new one (PostgreSQL's sequence never does).
+        {"sqlite_autoincrement": True},
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

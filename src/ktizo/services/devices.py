@@ -220,6 +220,8 @@ class DeviceService:
             changed = {k: v for k, v in values.items() if before[k] != v}
             if not changed:
                 return device
+            if device.status == DeviceStatus.APPROVED.value and ("hostname" in changed or "ip_address" in changed):
+                _ensure_name_and_address_free(s, device.id, values.get("hostname"), values.get("ip_address"))
             for key, value in changed.items():
                 setattr(device, key, value)
             device.revision += 1
@@ -254,6 +256,9 @@ class DeviceService:
         if "mac_address" in values and values["mac_address"] != device.mac_address:
             self._ensure_mac_free(s, values["mac_address"])
         _check_static_ip(values.get("mac_address", device.mac_address), values.get("ip_address", device.ip_address))
+        _ensure_name_and_address_free(
+            s, device.id, values.get("hostname", device.hostname), values.get("ip_address", device.ip_address)
+        )
         for key, value in values.items():
             setattr(device, key, value)
         previous = device.status
@@ -398,6 +403,32 @@ def _check_static_ip(mac: str | None, ip: str | None) -> None:
             "a static IP needs the device's MAC address: Talos selects the NIC to configure by it",
             "ip_address",
         )
+
+
+def _ensure_name_and_address_free(s: Session, device_id: int, hostname: str | None, ip: str | None) -> None:
+    """Two approved machines with one static address, or one hostname, break each other (and etcd, for control
+    planes). Only approved devices hold a name or an address: a rejected machine's old fields free them, so a
+    failed machine can be replaced by rejecting it and approving the new one with the same hostname and IP."""
+    others = select(Device).where(Device.id != device_id, Device.status == DeviceStatus.APPROVED.value).limit(1)
+    if ip:
+        host = ip.split("/")[0]
+        clash = s.scalar(others.where(or_(Device.ip_address == host, Device.ip_address.like(f"{host}/%"))))
+        if clash is not None:
+            raise Conflict(
+                f"ip_address {host} is already the static IP of approved device {_named(clash)}: "
+                "pick another address, or change or revoke that device first"
+            )
+    if hostname:
+        clash = s.scalar(others.where(func.lower(Device.hostname) == hostname.lower()))
+        if clash is not None:
+            raise Conflict(
+                f"hostname {hostname} is already used by approved device {_named(clash)}: "
+                "pick another name, or change or revoke that device first"
+            )
+
+
+def _named(device: Device) -> str:
+    return f"{device.id} ({device.mac_address or device.uuid})"
 
 
 def _jsonable(values: dict[str, Any]) -> dict[str, Any]:

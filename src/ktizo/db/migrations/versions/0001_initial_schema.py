@@ -64,6 +64,7 @@ def upgrade() -> None:
         sa.CheckConstraint("status IN ('pending', 'approved', 'rejected')", name=op.f("ck_devices_status")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_devices")),
         sa.UniqueConstraint("mac_address", name=op.f("uq_devices_mac_address")),
+        sqlite_autoincrement=True,
     )
     with op.batch_alter_table("devices", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_devices_hostname"), ["hostname"], unique=False)
