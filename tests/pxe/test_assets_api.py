@@ -59,6 +59,9 @@ def test_conditional_requests(client: TestClient, kernel: Path) -> None:
     assert client.get(URL, headers={"If-None-Match": '"other"'}).status_code == 200
     assert client.get(URL, headers={"If-Modified-Since": modified}).status_code == 304
     assert client.get(URL, headers={"If-Modified-Since": "Thu, 01 Jan 1970 00:00:00 GMT"}).status_code == 200
+    for garbage in ("yesterday", "Mon, 01 Jan 99999999999999999999 00:00:00 GMT"):  # ignored, as RFC 9110 says
+        odd = client.get(URL, headers={"If-Modified-Since": garbage})
+        assert odd.status_code == 200 and odd.content == KERNEL
     # A replaced file gets a new validator.
     os.utime(kernel, (1_000_000_000, 1_000_000_000))
     assert client.get(URL, headers={"If-None-Match": etag}).status_code == 200

@@ -73,6 +73,6 @@ def _not_modified(request: Request, response: FileResponse) -> bool:
     if since is not None:
         try:
             return parsedate_to_datetime(response.headers["last-modified"]) <= parsedate_to_datetime(since)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             return False
     return False
