@@ -152,7 +152,7 @@ def test_quick_start_serve_creates_admin_and_answers(tmp_path: Path) -> None:
             if "API docs:" in line:
                 break
         output = "".join(lines)
-        password = re.search(r"one-time password: (\S+)", output)
+        password = re.search(r"initial password \(shown once\): (\S+)", output)
         assert password, output
         for _ in range(100):
             try:

@@ -49,17 +49,22 @@ class _Bars:
 @reports_errors
 def fetch(
     ctx: typer.Context,
-    talos_version: Annotated[str, typer.Option("--talos-version", help="Talos release, e.g. v1.13.0")],
-    arch: Annotated[str, typer.Option(help="Comma-separated: amd64, arm64")] = "amd64,arm64",
+    talos_version: Annotated[
+        str, typer.Option("--talos-version", metavar="VERSION", help="Talos release, e.g. v1.13.0")
+    ],
+    arch: Annotated[str, typer.Option(metavar="ARCH,…", help="Comma-separated: amd64, arm64")] = "amd64,arm64",
     checksums: Annotated[
         Path | None,
         typer.Option(help="A sha256sum listing (e.g. a release's sha256sum.txt) to verify against", exists=True),
     ] = None,
     base_url: Annotated[
-        str | None, typer.Option(help="Image factory URL with schematic [default: KTIZO_ASSETS_BASE_URL]")
+        str | None,
+        typer.Option(metavar="URL", help="Image factory URL with schematic [default: KTIZO_ASSETS_BASE_URL]"),
     ] = None,
 ) -> None:
-    """Download vmlinuz and initramfs.xz from the Talos image factory (resumes an interrupted download)."""
+    """Download vmlinuz and initramfs.xz from the image factory.
+
+    An interrupted download resumes where it stopped."""
     service = _service(ctx)
     if base_url:
         service.factory_url = base_url
@@ -83,10 +88,13 @@ def import_(
     ctx: typer.Context,
     directory: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="Where the files are")],
     talos_version: Annotated[
-        str | None, typer.Option("--talos-version", help="Release of a flat directory (vmlinuz-amd64 …)")
+        str | None,
+        typer.Option("--talos-version", metavar="VERSION", help="Release of a flat directory (vmlinuz-amd64 …)"),
     ] = None,
 ) -> None:
-    """Import assets copied from elsewhere (for sites without internet access)."""
+    """Import assets copied from elsewhere.
+
+    For sites without internet access."""
     try:
         stored = _service(ctx).import_dir(Actor.cli(), directory, talos_version)
     except AssetError as exc:
@@ -98,7 +106,7 @@ def import_(
 
 @app.command("list")
 @reports_errors
-def list_(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def list_(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False) -> None:
     """The Talos releases and architectures Ktizo can netboot."""
     sets = _service(ctx).inventory()
     if as_json:

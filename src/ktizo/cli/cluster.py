@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import yaml
 
-from ktizo.cli.common import print_json, reports_errors, state
+from ktizo.cli.common import choices, print_json, reports_errors, state, warn
 from ktizo.domain.devices import Role
 from ktizo.services.context import Actor
 
@@ -17,13 +18,14 @@ app = typer.Typer(help="Cluster settings, config generation, secrets and base co
 secrets_app = typer.Typer(help="The cluster's secrets bundle (`talosctl gen secrets` format).", no_args_is_help=True)
 app.add_typer(secrets_app, name="secrets")
 
-ReadableFile = Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)]
+ReadableFile = Annotated[Path, typer.Argument(metavar="FILE", exists=True, dir_okay=False, readable=True)]
+RoleArg = Annotated[Role, typer.Argument(**choices(Role, "ROLE"))]
 
 
 @app.command()
 @reports_errors
-def show(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """Cluster settings and whether secrets and base configs are in place."""
+def show(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False) -> None:
+    """Cluster settings, secrets and base configs in place."""
     view = asdict(state(ctx).services().cluster.settings())
     if as_json:
         print_json(view)
@@ -41,20 +43,32 @@ def show(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] = 
 @reports_errors
 def set_(
     ctx: typer.Context,
-    name: Annotated[str | None, typer.Option("--name", help="Cluster name")] = None,
-    endpoint: Annotated[str | None, typer.Option(help="Control plane endpoint, https://HOST:6443")] = None,
-    talos_version: Annotated[str | None, typer.Option(help="v1.11, v1.12 or v1.13")] = None,
-    kubernetes_version: Annotated[str | None, typer.Option(help="e.g. 1.33.0")] = None,
-    install_disk: Annotated[str | None, typer.Option(help="e.g. /dev/sda")] = None,
-    install_image: Annotated[str | None, typer.Option(help="installer image reference")] = None,
-    pod_subnet: Annotated[list[str] | None, typer.Option(help="Pod CIDR (repeat for dual stack)")] = None,
-    service_subnet: Annotated[list[str] | None, typer.Option(help="Service CIDR (repeat for dual stack)")] = None,
-    dns_domain: Annotated[str | None, typer.Option()] = None,
-    cert_san: Annotated[list[str] | None, typer.Option(help="Extra certificate SAN (repeatable)")] = None,
-    gateway: Annotated[str | None, typer.Option(help="Default gateway for static IPs")] = None,
-    nameserver: Annotated[list[str] | None, typer.Option(help="Nameserver for static IPs (repeatable)")] = None,
+    name: Annotated[str | None, typer.Option("--name", metavar="NAME", help="Cluster name")] = None,
+    endpoint: Annotated[
+        str | None, typer.Option(metavar="URL", help="Control plane endpoint, https://HOST:6443")
+    ] = None,
+    talos_version: Annotated[str | None, typer.Option(metavar="VERSION", help="v1.11, v1.12 or v1.13")] = None,
+    kubernetes_version: Annotated[str | None, typer.Option(metavar="VERSION", help="e.g. 1.33.0")] = None,
+    install_disk: Annotated[str | None, typer.Option(metavar="DISK", help="e.g. /dev/sda")] = None,
+    install_image: Annotated[str | None, typer.Option(metavar="IMAGE", help="Installer image reference")] = None,
+    pod_subnet: Annotated[
+        list[str] | None, typer.Option(metavar="CIDR", help="Pod CIDR (repeat for dual stack)")
+    ] = None,
+    service_subnet: Annotated[
+        list[str] | None, typer.Option(metavar="CIDR", help="Service CIDR (repeat for dual stack)")
+    ] = None,
+    dns_domain: Annotated[
+        str | None, typer.Option(metavar="DOMAIN", help="Kubernetes cluster DNS domain [default: cluster.local]")
+    ] = None,
+    cert_san: Annotated[
+        list[str] | None, typer.Option(metavar="NAME|IP", help="Extra certificate SAN (repeatable)")
+    ] = None,
+    gateway: Annotated[str | None, typer.Option(metavar="IP", help="Default gateway for static IPs")] = None,
+    nameserver: Annotated[
+        list[str] | None, typer.Option(metavar="IP", help="Nameserver for static IPs (repeatable)")
+    ] = None,
 ) -> None:
-    """Change cluster settings; options not given stay as they are."""
+    """Change cluster settings; options not given stay."""
     given: dict[str, Any] = {
         "cluster_name": name,
         "endpoint": endpoint,
@@ -73,8 +87,13 @@ def set_(
     if not changes:
         typer.echo("nothing to change; see `ktizo cluster set --help`")
         raise typer.Exit(2)
-    view = state(ctx).services().cluster.update(Actor.cli(), changes)
-    typer.echo(f"cluster settings updated (revision {view.revision})")
+    cluster = state(ctx).services().cluster
+    before = cluster.settings().revision
+    view = cluster.update(Actor.cli(), changes)
+    if view.revision == before:
+        typer.echo(f"cluster settings unchanged (revision {view.revision}): they already had those values")
+    else:
+        typer.echo(f"cluster settings updated (revision {view.revision})")
 
 
 @app.command()
@@ -85,7 +104,9 @@ def generate(
         bool, typer.Option("--rotate-secrets", help="Make a new secrets bundle: a NEW cluster identity")
     ] = False,
 ) -> None:
-    """Generate controlplane and worker base configs from the settings (secrets made on first use)."""
+    """Generate the controlplane and worker base configs.
+
+    From the cluster settings; the secrets bundle is made on first use."""
     if rotate_secrets:
         typer.confirm(
             "Rotating secrets makes a new cluster identity: nodes configured with the old one will not join it. "
@@ -100,8 +121,10 @@ def generate(
 
 @app.command("import-base")
 @reports_errors
-def import_base(ctx: typer.Context, role: Role, file: ReadableFile) -> None:
-    """Validate a Talos config and make it the base config for ROLE (e.g. from `talosctl gen config`)."""
+def import_base(ctx: typer.Context, role: RoleArg, file: ReadableFile) -> None:
+    """Install a Talos config as the base config for ROLE.
+
+    It is validated first (e.g. a config from `talosctl gen config`)."""
     services = state(ctx).services()
     services.cluster.put_base(Actor.cli(), role, file.read_bytes())
     typer.echo(f"{role.value} base config installed")
@@ -109,16 +132,28 @@ def import_base(ctx: typer.Context, role: Role, file: ReadableFile) -> None:
 
 @app.command("export-base")
 @reports_errors
-def export_base(ctx: typer.Context, role: Role) -> None:
-    """Print the base config of ROLE (a controlplane config holds the cluster's CA keys)."""
+def export_base(ctx: typer.Context, role: RoleArg) -> None:
+    """Print the base config of ROLE.
+
+    A controlplane config holds the cluster's CA keys."""
     sys.stdout.write(state(ctx).services().cluster.get_base(role).decode())
 
 
 @app.command()
 @reports_errors
 def talosconfig(ctx: typer.Context) -> None:
-    """Print a talosconfig: fresh admin certificate, approved control planes as endpoints."""
-    sys.stdout.write(state(ctx).services().cluster.talosconfig(Actor.cli()))
+    """Print a talosconfig for `talosctl`.
+
+    With a fresh admin certificate, and the approved control planes' IPs as endpoints."""
+    text = state(ctx).services().cluster.talosconfig(Actor.cli())
+    sys.stdout.write(text)
+    document = yaml.safe_load(text)
+    if not document["contexts"][document["context"]].get("endpoints"):
+        warn(
+            "no approved control plane with an IP yet, so the talosconfig has no endpoints: approve one "
+            "(`ktizo devices approve MAC --role controlplane --ip CIDR`) and run this again, or add them with "
+            "`talosctl config endpoint IP`"
+        )
 
 
 @secrets_app.command("import")

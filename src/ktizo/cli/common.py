@@ -145,9 +145,9 @@ def resolve_device(services: Services, ref: str) -> Device:
         raise
 
 
-def choices(enum_type: type[E]) -> dict[str, Any]:
-    """``typer.Option``/``typer.Argument`` settings for an enum: the choices in the help, and a bad value refused
-    with them (``'master' is not one of 'controlplane', 'worker'``) rather than in pydantic's words."""
+def choices(enum_type: type[E], metavar: str | None = None) -> dict[str, Any]:
+    """``typer.Option``/``typer.Argument`` settings for an enum: the choices in the help (or ``metavar``), and a bad
+    value refused with them (``'master' is not one of 'controlplane', 'worker'``) rather than in pydantic's words."""
     values = [str(member.value) for member in enum_type]
 
     def parse(value: Any) -> E:
@@ -158,7 +158,7 @@ def choices(enum_type: type[E]) -> dict[str, Any]:
                 return member
         raise typer.BadParameter(f"{value!r} is not one of {', '.join(map(repr, values))}")
 
-    return {"parser": parse, "metavar": "[" + "|".join(values) + "]"}
+    return {"parser": parse, "metavar": metavar or "[" + "|".join(values) + "]"}
 
 
 def print_json(data: Any) -> None:

@@ -58,6 +58,27 @@ def as_dict(device: Device) -> dict[str, Any]:
     return {name: getattr(device, name) for name in _FIELDS}
 
 
+def group_memberships(services: Services, device: Device) -> list[dict[str, Any]]:
+    """The groups whose patches apply to the device, in the order they apply (by the renderer's own rule)."""
+    out = []
+    for group, members in services.groups.all():
+        spec = GroupSpec(
+            id=group.id,
+            name=group.name,
+            priority=group.priority,
+            revision=group.revision,
+            selector=dict(group.selector or {}),
+            members=frozenset(members),
+            patch=None,  # membership does not depend on it; parsing it here could only fail
+            gateway=group.gateway,
+            nameservers=(),
+        )
+        if spec.applies_to(device.id, device.labels or {}):
+            by = "member" if device.id in spec.members else "selector"
+            out.append({"id": group.id, "name": group.name, "priority": group.priority, "by": by})
+    return out
+
+
 def approval_changes(hostname: str | None, ip: str | None, role: Role | None, notes: str | None) -> DeviceChanges:
     """The fields an approval sets, from command-line options (unset options leave the device's values)."""
     changes = DeviceChanges()
@@ -72,14 +93,27 @@ def approval_changes(hostname: str | None, ip: str | None, role: Role | None, no
     return changes
 
 
+def warn_without_base(services: Services, role: str) -> None:
+    """Approval succeeds without a base config for the role, but the machine then gets 503 until there is one."""
+    if not services.cluster.base_status().get(role, {}).get("present", False):
+        warn(
+            f"there is no {role} base config yet: the machine gets 503 until you run `ktizo cluster generate` "
+            f"(after `ktizo cluster set …`) or `ktizo cluster import-base {role} FILE`"
+        )
+
+
 @app.command("list")
 @reports_errors
 def list_devices(
     ctx: typer.Context,
-    status: Annotated[DeviceStatus | None, typer.Option(help="Only devices in this state")] = None,
-    search: Annotated[str | None, typer.Option("--search", "-q", help="Match MAC, hostname, IP, serial")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
-    limit: Annotated[int, typer.Option(min=1, max=100000)] = 1000,
+    status: Annotated[
+        DeviceStatus | None, typer.Option(help="Only devices in this state", **choices(DeviceStatus))
+    ] = None,
+    search: Annotated[
+        str | None, typer.Option("--search", "-q", metavar="TEXT", help="Match MAC, hostname, IP, serial")
+    ] = None,
+    as_json: Json = False,
+    limit: Annotated[int, typer.Option(min=1, max=100000, help="Show at most this many")] = 1000,
 ) -> None:
     """List devices, oldest first."""
     rows, total = state(ctx).services().devices.list(DeviceQuery(status=status, search=search, limit=limit))
@@ -108,17 +142,38 @@ def list_devices(
         typer.echo(f"(showing {len(rows)} of {total}; use --limit)")
 
 
+def _shown(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items())
+    return str(value)
+
+
 @app.command()
 @reports_errors
-def show(ctx: typer.Context, ref: Ref, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def show(ctx: typer.Context, ref: Ref, as_json: Json = False) -> None:
     """Everything Ktizo knows about one device."""
-    device = state(ctx).services().devices.resolve(ref)
+    services = state(ctx).services()
+    device = resolve_device(services, ref)
     data = as_dict(device)
+    data["groups"] = group_memberships(services, device)
     if as_json:
         print_json(data)
         return
+    patch = data.pop("patch")
+    nics = data.pop("extra_nics") or []
+    groups = data.pop("groups")
     for key, value in data.items():
-        typer.echo(f"{key + ':':<22}{'' if value is None else value}")
+        typer.echo(f"{key + ':':<22}{_shown(value)}".rstrip())
+    shown_groups = ", ".join(f"{g['name']} (by {g['by']})" for g in groups)
+    typer.echo(f"{'groups:':<22}{shown_groups}".rstrip())
+    for nic in nics:
+        gateway = f" via {nic['gateway']}" if nic.get("gateway") else ""
+        typer.echo(f"{'extra nic:':<22}{nic['mac']} {', '.join(nic.get('addresses') or [])}{gateway}")
+    typer.echo("patch:")
+    for line in (patch or "").rstrip("\n").splitlines():
+        typer.echo(f"  {line}")
 
 
 @app.command()
@@ -126,29 +181,39 @@ def show(ctx: typer.Context, ref: Ref, as_json: Annotated[bool, typer.Option("--
 def approve(
     ctx: typer.Context,
     ref: Ref,
-    hostname: Annotated[str | None, typer.Option(help="RFC 1123 hostname")] = None,
-    ip: Annotated[str | None, typer.Option(help="Static address in CIDR form, e.g. 10.0.5.100/24")] = None,
-    role: Annotated[Role | None, typer.Option(help="controlplane or worker [default: keep, worker if new]")] = None,
-    notes: Annotated[str | None, typer.Option()] = None,
+    hostname: Hostname = None,
+    ip: Ip = None,
+    role: Annotated[
+        Role | None, typer.Option(help="[default: keep the device's; worker if new]", **choices(Role))
+    ] = None,
+    notes: Notes = None,
 ) -> None:
-    """Approve a pending or rejected device; its next config request gets its Talos config."""
+    """Approve a pending or rejected device.
+
+    Its next config request gets its Talos config. To change an approved device, use `ktizo devices edit`."""
     services = state(ctx).services()
-    device = services.devices.resolve(ref)
+    device = resolve_device(services, ref)
     changes = approval_changes(hostname, ip, role, notes)
-    device = services.devices.approve(Actor.cli(), device.id, changes)
+    try:
+        device = services.devices.approve(Actor.cli(), device.id, changes)
+    except InvalidTransition as exc:
+        if device.status == DeviceStatus.APPROVED.value:
+            fail(f"{exc.message}; to change its hostname, IP, role or notes use `ktizo devices edit {ref}`")
+        raise
     typer.echo(
         f"approved device {device.id} ({device.mac_address}) as {device.role}"
         + (f", hostname {device.hostname}" if device.hostname else "")
         + (f", ip {device.ip_address}" if device.ip_address else "")
     )
+    warn_without_base(services, device.role)
 
 
 @app.command()
 @reports_errors
-def reject(ctx: typer.Context, ref: Ref, notes: Annotated[str | None, typer.Option()] = None) -> None:
+def reject(ctx: typer.Context, ref: Ref, notes: Notes = None) -> None:
     """Reject a pending device, or revoke an approved one."""
     services = state(ctx).services()
-    device = services.devices.resolve(ref)
+    device = resolve_device(services, ref)
     device = services.devices.reject(Actor.cli(), device.id, notes)
     typer.echo(f"rejected device {device.id} ({device.mac_address})")
 
@@ -158,9 +223,11 @@ def reject(ctx: typer.Context, ref: Ref, notes: Annotated[str | None, typer.Opti
 def delete(
     ctx: typer.Context, ref: Ref, yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask")] = False
 ) -> None:
-    """Delete a device record (its audit history stays). If it boots again it is pending anew."""
+    """Delete a device record; its audit history stays.
+
+    If the machine boots again it is pending anew. `ktizo audit list --device MAC|ID` still shows its history."""
     services = state(ctx).services()
-    device = services.devices.resolve(ref)
+    device = resolve_device(services, ref)
     if not yes:
         typer.confirm(f"Delete device {device.id} ({device.mac_address}, {device.status})?", abort=True)
     services.devices.delete(Actor.cli(), device.id)
@@ -170,9 +237,11 @@ def delete(
 @app.command()
 @reports_errors
 def unbind(ctx: typer.Context, ref: Ref) -> None:
-    """Forget the UUID/serial bound to a device (after a mainboard swap, say)."""
+    """Forget the UUID and serial bound to a device.
+
+    After a mainboard swap, say: its next request binds the identity it reports then."""
     services = state(ctx).services()
-    device = services.devices.unbind(Actor.cli(), services.devices.resolve(ref).id)
+    device = services.devices.unbind(Actor.cli(), resolve_device(services, ref).id)
     typer.echo(f"cleared the identity binding of device {device.id}")
 
 
@@ -183,9 +252,11 @@ def config(
     ref: Ref,
     reveal: Annotated[bool, typer.Option("--reveal", help="Show private keys and tokens (audited)")] = False,
 ) -> None:
-    """Print the config the device would receive now (secrets redacted unless --reveal)."""
+    """Print the config the device would receive now.
+
+    Secrets are redacted unless --reveal."""
     services = state(ctx).services()
-    device = services.devices.resolve(ref)
+    device = resolve_device(services, ref)
     typer.echo(services.preview.config(Actor.cli(), device.id, reveal=reveal), nl=False)
 
 
@@ -194,21 +265,27 @@ def config(
 def edit(
     ctx: typer.Context,
     ref: Ref,
-    label: Annotated[list[str] | None, typer.Option("--label", help="KEY=VALUE (repeat); KEY= removes")] = None,
+    label: Annotated[
+        list[str] | None, typer.Option("--label", metavar="KEY=VALUE", help="Set a label (repeat); KEY= removes it")
+    ] = None,
     patch_file: Annotated[
         Path | None,
         typer.Option("--patch-file", exists=True, dir_okay=False, help="The device's own Talos strategic-merge patch"),
     ] = None,
-    clear_patch: Annotated[bool, typer.Option("--clear-patch")] = False,
-    install_disk: Annotated[str | None, typer.Option(help="Overrides the cluster's install disk")] = None,
-    hostname: Annotated[str | None, typer.Option()] = None,
-    ip: Annotated[str | None, typer.Option(help="Static address in CIDR form")] = None,
-    role: Annotated[Role | None, typer.Option()] = None,
-    notes: Annotated[str | None, typer.Option()] = None,
+    clear_patch: Annotated[bool, typer.Option("--clear-patch", help="Remove the device's own patch")] = False,
+    install_disk: Annotated[
+        str | None, typer.Option(metavar="DISK", help="Overrides the cluster's install disk ('' clears)")
+    ] = None,
+    hostname: Hostname = None,
+    ip: Annotated[str | None, typer.Option(metavar="CIDR", help="Static address in CIDR form ('' clears)")] = None,
+    role: Annotated[Role | None, typer.Option(help="The device's role", **choices(Role))] = None,
+    notes: Notes = None,
 ) -> None:
-    """Change a device's fields, labels, patch or install disk (its config re-renders on the next request)."""
+    """Change a device's fields, labels, patch or install disk.
+
+    Works for approved devices too: the config re-renders on its next request."""
     services = state(ctx).services()
-    device = services.devices.resolve(ref)
+    device = resolve_device(services, ref)
     changes = DeviceChanges()
     if label:
         labels = dict(device.labels or {})
@@ -244,16 +321,19 @@ def edit(
 def approve_code(
     ctx: typer.Context,
     code: Annotated[str, typer.Argument(help="The code the machine's console shows, e.g. BCDF-GHJK")],
-    hostname: Annotated[str | None, typer.Option(help="RFC 1123 hostname")] = None,
-    ip: Annotated[str | None, typer.Option(help="Static address in CIDR form, e.g. 10.0.5.100/24")] = None,
-    role: Annotated[Role | None, typer.Option(help="controlplane or worker")] = None,
-    notes: Annotated[str | None, typer.Option()] = None,
+    hostname: Hostname = None,
+    ip: Ip = None,
+    role: Annotated[Role | None, typer.Option(help="[default: worker]", **choices(Role))] = None,
+    notes: Notes = None,
 ) -> None:
-    """Approve the machine whose Talos console shows CODE (the OAuth device flow); it boots within seconds."""
+    """Approve the machine whose Talos console shows CODE.
+
+    The OAuth device flow (KTIZO_OAUTH_ENABLED): the machine boots within seconds."""
     services = state(ctx).services()
     changes = approval_changes(hostname, ip, role, notes)
     device = services.netboot.approve_code(Actor.cli(), code, changes)
     typer.echo(f"approved device {device.id} ({device.mac_address}) for console code {code.upper()}")
+    warn_without_base(services, device.role)
 
 
 @app.command()
@@ -263,7 +343,9 @@ def installed(
     ref: Ref,
     reinstall: Annotated[bool, typer.Option("--reinstall", help="Netboot and install it again")] = False,
 ) -> None:
-    """Mark Talos installed (iPXE boots the local disk), or with --reinstall let it netboot again."""
+    """Mark Talos installed: iPXE boots it from its disk.
+
+    With --reinstall it netboots (and installs) again."""
     services = state(ctx).services()
-    device = services.devices.set_installed(Actor.cli(), services.devices.resolve(ref).id, not reinstall)
+    device = services.devices.set_installed(Actor.cli(), resolve_device(services, ref).id, not reinstall)
     typer.echo(f"device {device.id}: " + ("netboots again" if reinstall else "boots from its disk"))

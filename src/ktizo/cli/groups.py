@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ktizo.cli.common import print_json, print_table, reports_errors, state
+from ktizo.cli.common import print_json, print_table, reports_errors, resolve_device, state
 from ktizo.services.context import Actor
 
 app = typer.Typer(help="Device groups: a Talos patch and network defaults per group.", no_args_is_help=True)
@@ -54,13 +54,24 @@ def _values(
 PatchFile = Annotated[
     Path | None, typer.Option("--patch-file", exists=True, dir_okay=False, help="A Talos strategic-merge patch (YAML)")
 ]
-Selector = Annotated[list[str] | None, typer.Option("--selector", help="label KEY=VALUE the devices carry (repeat)")]
+Selector = Annotated[
+    list[str] | None,
+    typer.Option("--selector", metavar="KEY=VALUE", help="A label the member devices carry (repeat: all must match)"),
+]
+Gateway = Annotated[str | None, typer.Option(metavar="IP", help="Default gateway for the members' static IPs")]
+Nameservers = Annotated[
+    list[str] | None, typer.Option("--nameserver", metavar="IP", help="Nameserver for the members (repeatable)")
+]
+Description = Annotated[str | None, typer.Option(metavar="TEXT", help="What the group is for")]
+GroupRef = Annotated[str, typer.Argument(metavar="NAME|ID")]
 
 
 @app.command("list")
 @reports_errors
-def list_groups(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """Groups in the order their patches apply (the last one wins)."""
+def list_groups(
+    ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False
+) -> None:
+    """Groups in the order their patches apply (last wins)."""
     groups = state(ctx).services().groups.all()
     if as_json:
         print_json(
@@ -100,15 +111,19 @@ def list_groups(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--jso
 @reports_errors
 def create(
     ctx: typer.Context,
-    name: str,
-    priority: Annotated[int, typer.Option()] = 100,
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The group's name")],
+    priority: Annotated[
+        int, typer.Option(metavar="N", help="Patches apply lowest first, so the highest priority wins")
+    ] = 100,
     selector: Selector = None,
     patch_file: PatchFile = None,
-    gateway: Annotated[str | None, typer.Option()] = None,
-    nameserver: Annotated[list[str] | None, typer.Option()] = None,
-    description: Annotated[str | None, typer.Option()] = None,
+    gateway: Gateway = None,
+    nameserver: Nameservers = None,
+    description: Description = None,
 ) -> None:
-    """Create a group; its patch is checked against the base configs first."""
+    """Create a group.
+
+    Its patch is checked against the base configs first."""
     values = _values(name, priority, selector, patch_file, gateway, nameserver, description)
     group = state(ctx).services().groups.create(Actor.cli(), values)
     typer.echo(f"created group {group.name} (id {group.id})")
@@ -118,15 +133,17 @@ def create(
 @reports_errors
 def update(
     ctx: typer.Context,
-    ref: Annotated[str, typer.Argument(metavar="NAME|ID")],
-    name: Annotated[str | None, typer.Option()] = None,
-    priority: Annotated[int | None, typer.Option()] = None,
+    ref: GroupRef,
+    name: Annotated[str | None, typer.Option(metavar="NAME", help="Rename the group")] = None,
+    priority: Annotated[
+        int | None, typer.Option(metavar="N", help="Patches apply lowest first, so the highest priority wins")
+    ] = None,
     selector: Selector = None,
     patch_file: PatchFile = None,
-    clear_patch: Annotated[bool, typer.Option("--clear-patch")] = False,
-    gateway: Annotated[str | None, typer.Option()] = None,
-    nameserver: Annotated[list[str] | None, typer.Option()] = None,
-    description: Annotated[str | None, typer.Option()] = None,
+    clear_patch: Annotated[bool, typer.Option("--clear-patch", help="Remove the group's patch")] = False,
+    gateway: Gateway = None,
+    nameserver: Nameservers = None,
+    description: Description = None,
 ) -> None:
     """Change a group; only the options given change."""
     values = _values(name, priority, selector, patch_file, gateway, nameserver, description, clear_patch)
@@ -136,7 +153,7 @@ def update(
 
 @app.command()
 @reports_errors
-def delete(ctx: typer.Context, ref: Annotated[str, typer.Argument(metavar="NAME|ID")]) -> None:
+def delete(ctx: typer.Context, ref: GroupRef) -> None:
     """Delete a group (its members stay, without its patch)."""
     state(ctx).services().groups.delete(Actor.cli(), ref)
     typer.echo(f"deleted group {ref}")
@@ -146,13 +163,17 @@ def delete(ctx: typer.Context, ref: Annotated[str, typer.Argument(metavar="NAME|
 @reports_errors
 def members(
     ctx: typer.Context,
-    ref: Annotated[str, typer.Argument(metavar="NAME|ID")],
-    add: Annotated[list[str] | None, typer.Option("--add", metavar="MAC|ID")] = None,
-    remove: Annotated[list[str] | None, typer.Option("--remove", metavar="MAC|ID")] = None,
+    ref: GroupRef,
+    add: Annotated[
+        list[str] | None, typer.Option("--add", metavar="MAC|ID", help="Make a device a member (repeatable)")
+    ] = None,
+    remove: Annotated[
+        list[str] | None, typer.Option("--remove", metavar="MAC|ID", help="Remove a member (repeatable)")
+    ] = None,
 ) -> None:
-    """Add or remove explicit members."""
+    """Add or remove explicit members (besides the selector's)."""
     services = state(ctx).services()
-    to_add = [services.devices.resolve(r).id for r in add or []]
-    to_remove = [services.devices.resolve(r).id for r in remove or []]
+    to_add = [resolve_device(services, r).id for r in add or []]
+    to_remove = [resolve_device(services, r).id for r in remove or []]
     result = services.groups.set_members(Actor.cli(), ref, to_add, to_remove)
     typer.echo(f"group {ref} has {len(result)} explicit member(s): {', '.join(map(str, result)) or '-'}")

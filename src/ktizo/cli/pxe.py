@@ -36,7 +36,9 @@ app = typer.Typer(help="PXE: dnsmasq config and supervision, DHCP discovery even
 
 Interfaces = Annotated[
     list[str] | None,
-    typer.Option("--interface", "-i", help="Interface to serve PXE on (repeatable) [default: KTIZO_PXE_INTERFACE]"),
+    typer.Option(
+        "--interface", "-i", metavar="IF", help="Interface to serve PXE on (repeatable) [default: KTIZO_PXE_INTERFACE]"
+    ),
 ]
 Mode = Annotated[
     DhcpMode | None,
@@ -44,11 +46,15 @@ Mode = Annotated[
 ]
 Ranges = Annotated[
     list[str] | None,
-    typer.Option("--range", help="Full mode: START,END[,LEASE] (repeatable) [default: KTIZO_DHCP_RANGE]"),
+    typer.Option(
+        "--range",
+        metavar="START,END[,LEASE]",
+        help="Full mode: an address range (repeatable) [default: KTIZO_DHCP_RANGE]",
+    ),
 ]
 Subnets = Annotated[
     list[str] | None,
-    typer.Option("--subnet", help="Proxy mode: subnet to serve [default: the interface's IPv4 subnet]"),
+    typer.Option("--subnet", metavar="CIDR", help="Proxy mode: subnet to serve [default: the interface's IPv4 subnet]"),
 ]
 BootUrl = Annotated[
     str | None,
@@ -170,10 +176,14 @@ def run(
     verbose: Verbose = False,
     efi_x64: EfiX64 = "snponly.efi",
 ) -> None:
-    """Run dnsmasq for PXE on an interface until Ctrl-C or SIGTERM (restarted with backoff if it dies)."""
+    """Run dnsmasq for PXE until stopped.
+
+    Serves proxyDHCP (or full DHCP) and TFTP on the interface until Ctrl-C or SIGTERM; dnsmasq is restarted with
+    backoff if it dies."""
     st = state(ctx)
     settings = st.settings
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    services = st.services()  # first: a wrong data directory is reported before anything is written into it
     cfg = _build(settings, interface, mode, range_, subnet, boot_url, ipv6_ra, dnsmasq_user, verbose, efi_x64)
     try:
         binary = find_dnsmasq()
@@ -192,7 +202,7 @@ def run(
         typer.echo("note: --ipv6-ra needs an IPv6 prefix on the interface (e.g. a ULA fd00::/8 address)", err=True)
     token_file = pxe_dir / "dhcp-token"
     # Only whoever can read this file (root) can report DHCP events: the server keeps the token's hash.
-    st.services().netboot.issue_dhcp_token(token_file)
+    services.netboot.issue_dhcp_token(token_file)
     assert cfg.dhcp_script is not None
     _write(
         cfg.dhcp_script,
@@ -278,8 +288,9 @@ def dhcp_event(
     server: Annotated[str | None, typer.Option(help="Ktizo's URL [default: KTIZO_PUBLIC_URL or local]")] = None,
     token_file: Annotated[Path | None, typer.Option(help="[default: <data dir>/pxe/dhcp-token]")] = None,
 ) -> None:
-    """Report a DHCP lease to Ktizo (what dnsmasq's --dhcp-script runs). Always exits 0, so that a down server
-    never makes the DHCP server fail; the outcome is one line on stderr."""
+    """Report a DHCP lease to Ktizo (dnsmasq's --dhcp-script).
+
+    Always exits 0, so that a down server never makes the DHCP server fail; the outcome is one line on stderr."""
     settings = state(ctx).settings
     line = events.handle(
         [*(args or []), *ctx.args],

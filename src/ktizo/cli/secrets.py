@@ -10,12 +10,14 @@ from ktizo.cli.common import reports_errors, state
 from ktizo.pki.sealing import generate_key
 from ktizo.services.context import Actor
 
-app = typer.Typer(help="The key sealing cluster secrets in the database (KTIZO_SECRET_KEY).", no_args_is_help=True)
+app = typer.Typer(help="The key that seals secrets at rest (KTIZO_SECRET_KEY).", no_args_is_help=True)
 
 
 @app.command("generate-key")
 def generate_key_command() -> None:
-    """Print a new sealing key (give it to Ktizo as KTIZO_SECRET_KEY or in KTIZO_SECRET_KEY_FILE)."""
+    """Print a new sealing key.
+
+    Give it to Ktizo as KTIZO_SECRET_KEY, or in the file KTIZO_SECRET_KEY_FILE names."""
     typer.echo(generate_key())
 
 

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import sys
 from typing import Annotated
 
 import typer
 
-from ktizo.cli.common import print_json, print_table, reports_errors, state
+from ktizo.cli.common import choices, print_json, print_table, reports_errors, state
+from ktizo.db.models import AuditEvent
+from ktizo.domain.bounds import parse_id
+from ktizo.domain.errors import NotFound
+from ktizo.domain.identity import normalize_mac
 from ktizo.domain.users import UserRole
 from ktizo.services.audit import AuditQuery
 from ktizo.services.context import Actor
+from ktizo.services.registry import Services
 
-users_app = typer.Typer(help="Operator accounts.", no_args_is_help=True)
+users_app = typer.Typer(help="Operator accounts: create, reset a password, disable.", no_args_is_help=True)
 tokens_app = typer.Typer(help="API tokens (sent as `Authorization: Bearer …`).", no_args_is_help=True)
 audit_app = typer.Typer(help="The audit trail.", no_args_is_help=True)
 
@@ -23,10 +29,12 @@ audit_app = typer.Typer(help="The audit trail.", no_args_is_help=True)
 def create_user(
     ctx: typer.Context,
     username: str,
-    role: Annotated[UserRole, typer.Option(help="viewer, operator or admin")] = UserRole.OPERATOR,
+    role: Annotated[UserRole, typer.Option(help="What the user may do", **choices(UserRole))] = UserRole.OPERATOR,
     password_stdin: Annotated[bool, typer.Option("--password-stdin", help="Read the password from stdin")] = False,
 ) -> None:
-    """Create a user; the password is prompted for (or read from stdin)."""
+    """Create a user (asks for the password).
+
+    Roles: viewer reads; operator approves, rejects, edits and deletes devices; admin does everything."""
     if password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
     else:
@@ -49,7 +57,9 @@ def list_users(ctx: typer.Context) -> None:
 @users_app.command("reset-password")
 @reports_errors
 def reset_password(ctx: typer.Context, username: str) -> None:
-    """Give a user a new random password and print it once (for a forgotten admin password too)."""
+    """Set a new random password and print it once.
+
+    Also the way back in when the only admin forgot theirs."""
     password = state(ctx).services().users.reset_password(Actor.cli(), username)
     typer.echo(password)
     typer.echo(f"new password for {username}: hand it over; they can sign in at once", err=True)
@@ -58,7 +68,7 @@ def reset_password(ctx: typer.Context, username: str) -> None:
 @users_app.command("disable")
 @reports_errors
 def disable_user(ctx: typer.Context, username: str) -> None:
-    """Disable a user: their password and tokens stop working at once."""
+    """Disable a user (password and tokens stop working)."""
     user = state(ctx).services().users.set_disabled(Actor.cli(), username, True)
     typer.echo(f"disabled {user.username}")
 
@@ -76,10 +86,14 @@ def enable_user(ctx: typer.Context, username: str) -> None:
 def create_token(
     ctx: typer.Context,
     username: str,
-    name: Annotated[str, typer.Option(help="A label to recognise the token by")] = "cli",
-    expires_days: Annotated[int | None, typer.Option(min=1, help="Expire after this many days")] = None,
+    name: Annotated[str, typer.Option(metavar="LABEL", help="A label to recognise the token by")] = "cli",
+    expires_days: Annotated[
+        int | None, typer.Option(min=1, max=3650, metavar="DAYS", help="Expire after this many days [default: never]")
+    ] = None,
 ) -> None:
-    """Create an API token for USERNAME and print it (only the token, only this once)."""
+    """Create an API token for USERNAME and print it.
+
+    Only the token is printed, and only this once: Ktizo keeps just its hash."""
     ttl = dt.timedelta(days=expires_days) if expires_days else None
     token = state(ctx).services().users.create_token(Actor.cli(), username, name=name, ttl=ttl)
     typer.echo(token)
@@ -89,16 +103,25 @@ def create_token(
 @reports_errors
 def list_audit(
     ctx: typer.Context,
-    device: Annotated[str | None, typer.Option(metavar="MAC|ID", help="Only this device's events")] = None,
-    actor: Annotated[str | None, typer.Option()] = None,
-    action: Annotated[str | None, typer.Option(help="e.g. approve, config_download, identity_mismatch")] = None,
-    limit: Annotated[int, typer.Option(min=1, max=10000)] = 50,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    device: Annotated[
+        str | None,
+        typer.Option(metavar="MAC|ID", help="Only this device's events (a deleted device's too)"),
+    ] = None,
+    actor: Annotated[
+        str | None, typer.Option(metavar="NAME", help="Only events by this user, or `cli`, `device`, `system`")
+    ] = None,
+    action: Annotated[
+        str | None, typer.Option(metavar="ACTION", help="e.g. approve, config_download, identity_mismatch")
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, max=10000, help="Show at most this many")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
 ) -> None:
-    """Newest events first."""
+    """The audit trail, newest events first."""
     services = state(ctx).services()
-    device_id = services.devices.resolve(device).id if device else None
-    rows, total = services.audit.list(AuditQuery(device_id=device_id, actor=actor, action=action, limit=limit))
+    if device is None:
+        rows, total = services.audit.list(AuditQuery(actor=actor, action=action, limit=limit))
+    else:
+        rows, total = _device_events(services, device, actor, action, limit)
     if as_json:
         print_json(
             [
@@ -120,6 +143,9 @@ def list_audit(
             ]
         )
         return
+    if not rows:
+        typer.echo("No audit events" + (f" for device {device}" if device else "") + ".")
+        return
     print_table(
         ["at", "actor", "action", "device", "from", "details"],
         [
@@ -136,3 +162,43 @@ def list_audit(
     )
     if total > len(rows):
         typer.echo(f"({len(rows)} of {total} events; use --limit)")
+
+
+# Events that remove a device row; what the audit log keeps of it is its id and MAC.
+_REMOVALS = ("delete", "expire")
+
+
+def _device_events(
+    services: Services, ref: str, actor: str | None, action: str | None, limit: int
+) -> tuple[list[AuditEvent], int]:
+    """Events of the device ``ref`` names: an id directly (its row may be gone), or a MAC, which covers every device
+    that had it, deleted ones included (deleted and seen again, a machine is a new device with a new id)."""
+    ref = ref.strip()
+    if ref.isascii() and ref.isdigit() and len(ref) != 12:  # as devices.resolve reads it: 12 digits is a bare MAC
+        device_id = parse_id(ref)
+        if device_id is None:
+            raise NotFound(f"no device with id {ref}")
+        return services.audit.list(AuditQuery(device_id=device_id, actor=actor, action=action, limit=limit))
+    mac = normalize_mac(ref, "device")
+    ids = set()
+    with contextlib.suppress(NotFound):
+        ids.add(services.devices.resolve(mac).id)
+    # AuditQuery has no MAC filter: find the ids of removed devices with this MAC from their removal events.
+    for removal in _REMOVALS:
+        offset = 0
+        while True:
+            page, total = services.audit.list(AuditQuery(action=removal, limit=1000, offset=offset))
+            ids.update(e.device_id for e in page if e.device_mac == mac and e.device_id is not None)
+            offset += len(page)
+            if not page or offset >= total:
+                break
+    if not ids:
+        raise NotFound(f"no device with MAC {mac}, now or deleted (`ktizo devices list` shows the devices Ktizo knows)")
+    rows: list[AuditEvent] = []
+    count = 0
+    for device_id in ids:
+        found, total = services.audit.list(AuditQuery(device_id=device_id, actor=actor, action=action, limit=limit))
+        rows.extend(found)
+        count += total
+    rows.sort(key=lambda e: e.id, reverse=True)
+    return rows[:limit], count

@@ -112,18 +112,23 @@ class ClusterService:
             s.flush()
         return row
 
+    @staticmethod
+    def _unsaved_settings() -> ClusterSettings:
+        """What the settings are before anything was set: the row's column defaults, revision 0."""
+        return ClusterSettings(
+            id=1,
+            install_disk="/dev/sda",
+            pod_subnets=["10.244.0.0/16"],
+            service_subnets=["10.96.0.0/12"],
+            dns_domain="cluster.local",
+            cert_sans=[],
+            nameservers=[],
+            revision=0,
+        )
+
     def settings(self) -> SettingsView:
         with self.db.read() as s:
-            row = s.get(ClusterSettings, 1) or ClusterSettings(
-                id=1,
-                install_disk="/dev/sda",
-                pod_subnets=["10.244.0.0/16"],
-                service_subnets=["10.96.0.0/12"],
-                dns_domain="cluster.local",
-                cert_sans=[],
-                nameservers=[],
-                revision=0,
-            )
+            row = s.get(ClusterSettings, 1) or self._unsaved_settings()
             secrets = s.get(ClusterSecrets, 1)
         return SettingsView(
             cluster_name=row.cluster_name,
@@ -153,19 +158,22 @@ class ClusterService:
         if unknown:
             raise ValidationFailed(f"unknown setting(s): {', '.join(sorted(unknown))}", sorted(unknown)[0])
         with self.db.write() as s:
-            row = self._settings_row(s)
-            merged = {name: getattr(row, name) for name in SETTABLE} | changes
+            stored = s.get(ClusterSettings, 1) or self._unsaved_settings()
+            merged = {name: getattr(stored, name) for name in SETTABLE} | changes
             normalised = self._check(merged, set(changes))
-            before = {k: getattr(row, k) for k in changes}
-            for key in changes:
-                setattr(row, key, normalised[key])
-            row.revision += 1
-            row.updated_at = utcnow()
-            row.updated_by = actor.name
-            state.bump(s)
-            audit.record(
-                s, actor, "cluster_update", None, {k: {"from": before[k], "to": normalised[k]} for k in changes}
-            )
+            # Compared after normalising ("HTTPS://Lab.Example/" is the stored "https://lab.example:6443"): a write
+            # that changes nothing is not audited and does not move the revision, which re-renders every config.
+            changed = {k: {"from": getattr(stored, k), "to": normalised[k]} for k in changes}
+            changed = {k: v for k, v in changed.items() if v["from"] != v["to"]}
+            if changed:
+                row = self._settings_row(s)
+                for key in changed:
+                    setattr(row, key, normalised[key])
+                row.revision += 1
+                row.updated_at = utcnow()
+                row.updated_by = actor.name
+                state.bump(s)
+                audit.record(s, actor, "cluster_update", None, changed)
         return self.settings()
 
     def _check(self, merged: dict[str, Any], given: set[str]) -> dict[str, Any]:
