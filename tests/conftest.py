@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
+from typer.testing import CliRunner
 
 from ktizo.app import build_services, create_app
+from ktizo.cli import app as cli_app
 from ktizo.db import Database
 from ktizo.db.migrate import upgrade
 from ktizo.domain.users import UserRole
@@ -153,3 +155,18 @@ def make_client(tmp_path: Path, database_url: str) -> Iterator[Callable[..., tup
     for client, services in made:
         client.__exit__(None, None, None)
         services.db.dispose()
+
+
+@pytest.fixture
+def cli(settings: Settings, services: Services):  # type: ignore[no-untyped-def]
+    """``cli("devices", "list")``: the admin CLI on the test's database, as an operator's shell runs it."""
+    runner = CliRunner()
+    env = {"KTIZO_DATA_DIR": str(settings.data_dir), "KTIZO_DATABASE_URL": settings.effective_database_url}
+
+    def run(*args: str, input: str | None = None, ok: bool = True):  # type: ignore[no-untyped-def]
+        result = runner.invoke(cli_app, list(args), env=env, input=input)
+        if ok:
+            assert result.exit_code == 0, result.output
+        return result
+
+    return run

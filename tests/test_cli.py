@@ -20,20 +20,6 @@ from ktizo.services.registry import Services
 from tests.support import TALOS_FIXTURES
 
 
-@pytest.fixture
-def cli(settings, services: Services):  # type: ignore[no-untyped-def]
-    runner = CliRunner()
-    env = {"KTIZO_DATA_DIR": str(settings.data_dir), "KTIZO_DATABASE_URL": settings.effective_database_url}
-
-    def run(*args: str, input: str | None = None, ok: bool = True):  # type: ignore[no-untyped-def]
-        result = runner.invoke(app, list(args), env=env, input=input)
-        if ok:
-            assert result.exit_code == 0, result.output
-        return result
-
-    return run
-
-
 def test_devices_approve_reject_show_list_delete_by_mac(cli, services: Services) -> None:  # type: ignore[no-untyped-def]
     services.devices.register("52:54:00:00:00:01", "10.1.1.1")
     services.devices.register("52:54:00:00:00:02", "10.1.1.2")

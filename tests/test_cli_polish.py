@@ -28,20 +28,6 @@ MAC = "52:54:00:00:60:01"
 OTHER_MAC = "52:54:00:00:60:02"
 
 
-@pytest.fixture
-def cli(settings: Settings, services: Services):  # type: ignore[no-untyped-def]
-    runner = CliRunner()
-    env = {"KTIZO_DATA_DIR": str(settings.data_dir), "KTIZO_DATABASE_URL": settings.effective_database_url}
-
-    def run(*args: str, input: str | None = None, ok: bool = True):  # type: ignore[no-untyped-def]
-        result = runner.invoke(app, list(args), env=env, input=input)
-        if ok:
-            assert result.exit_code == 0, result.output
-        return result
-
-    return run
-
-
 def _bare(*args: str, cwd: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     """The CLI as a newcomer runs it: in some directory, with no KTIZO_DATA_DIR or KTIZO_DATABASE_URL."""
     monkeypatch.chdir(cwd)
