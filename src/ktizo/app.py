@@ -49,7 +49,7 @@ def build_services(settings: Settings, db: Database | None = None) -> Services:
     source = ConfigSource(db, sealer, settings.base_templates_dir, talos_version)
     renderer = Renderer(source, RenderCache(settings.render_cache_bytes))
     watcher = ApprovalWatcher(db)
-    devices = DeviceService(db, source, watcher)
+    devices = DeviceService(db, source, watcher, new_per_minute=settings.new_devices_per_minute)
     netboot = NetbootService(
         db,
         devices,
@@ -71,6 +71,7 @@ def build_services(settings: Settings, db: Database | None = None) -> Services:
             renderer,
             last_seen_interval=settings.last_seen_interval,
             require_lease_ip=settings.require_lease_ip,
+            new_per_minute=settings.new_devices_per_minute,
             access_check=netboot.check_access_token if settings.oauth_enabled else None,
         ),
         netboot=netboot,

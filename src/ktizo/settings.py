@@ -49,6 +49,12 @@ class Settings(BaseSettings):
     discovery_subnets: list[str] = Field(
         default_factory=list, description="Only DHCP leases in these CIDRs register devices (empty: all)."
     )
+    new_devices_per_minute: int = Field(
+        120,
+        ge=0,
+        description="How many unknown machines one source address may register per minute through the "
+        "unauthenticated doors (config download, register, iPXE, device flow); more get 429 and retry (0: no limit).",
+    )
     require_lease_ip: bool = Field(
         False, description="A config download must come from the MAC's current DHCP lease IP (second factor)."
     )

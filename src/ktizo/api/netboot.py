@@ -114,7 +114,12 @@ async def _form(request: Request) -> dict[str, str]:
 @router.post(
     "/device/code",
     response_model=DeviceCodeOut,
-    responses={400: {"model": OAuthErrorOut}, 401: {"model": OAuthErrorOut}, 503: {"model": OAuthErrorOut}},
+    responses={
+        400: {"model": OAuthErrorOut},
+        401: {"model": OAuthErrorOut},
+        429: {"model": OAuthErrorOut, "description": "Too many new machines from this address; retry later"},
+        503: {"model": OAuthErrorOut},
+    },
     openapi_extra=_FORM,
 )
 async def device_code(request: Request, services: ServicesDep) -> JSONResponse:

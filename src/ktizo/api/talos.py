@@ -17,7 +17,7 @@ from ktizo.api.deps import ServicesDep, client_ip
 from ktizo.api.errors import ErrorOut, error_body, status_for
 from ktizo.api.schemas import DeviceOut, MacIn
 from ktizo.domain.devices import DeviceStatus
-from ktizo.domain.errors import KtizoError, ValidationFailed
+from ktizo.domain.errors import KtizoError, TooManyAttempts, ValidationFailed
 from ktizo.domain.identity import (
     is_placeholder,
     normalize_hostname,
@@ -59,6 +59,7 @@ def _lenient_hostname(value: str | None) -> str | None:
         200: _YAML_200,
         400: _text_error("The request names no machine, or names it in a malformed way"),
         403: _text_error("Device not approved. Current status: pending (or rejected), or an identity mismatch"),
+        429: _text_error("Too many new machines from this address in the last minute; retry after Retry-After"),
         503: _text_error("No base configuration for the device's role yet"),
     },
 )
@@ -97,7 +98,7 @@ async def download_config_get(
     except KtizoError as exc:
         status = status_for(exc)
         return PlainTextResponse(
-            str(exc) + "\n", status_code=400 if status == 422 else status, headers=_timing(started)
+            str(exc) + "\n", status_code=400 if status == 422 else status, headers=_timing(started) | _retry(exc)
         )
     return Response(body, media_type=YAML, headers=_timing(started))
 
@@ -121,6 +122,10 @@ async def _hold_until_decided(request: Request, services: Services, claim: Claim
     return decided
 
 
+def _retry(exc: KtizoError) -> dict[str, str]:
+    return {"Retry-After": str(exc.retry_after)} if isinstance(exc, TooManyAttempts) else {}
+
+
 def _timing(started: float) -> dict[str, str]:
     # The boot path's own cost, for benchmarks and operators' load balancers (RFC: W3C Server-Timing).
     return {"Server-Timing": f"app;dur={(time.perf_counter() - started) * 1e3:.3f}"}
@@ -132,6 +137,7 @@ def _timing(started: float) -> dict[str, str]:
     responses={
         200: _YAML_200,
         403: {"model": ErrorOut, "description": "Device not approved"},
+        429: {"model": ErrorOut, "description": "Too many new machines from this address; retry later"},
         503: {"model": ErrorOut, "description": "No base configuration for the role yet"},
     },
 )
@@ -140,7 +146,7 @@ def download_config_post(body: MacIn, request: Request, services: ServicesDep) -
     try:
         config = services.boot.fetch_config(Claim(mac=body.mac_address, source_ip=client_ip(request)))
     except KtizoError as exc:
-        return JSONResponse(error_body(exc), status_code=status_for(exc))
+        return JSONResponse(error_body(exc), status_code=status_for(exc), headers=_retry(exc))
     return Response(config, media_type=YAML)
 
 
@@ -150,6 +156,7 @@ def download_config_post(body: MacIn, request: Request, services: ServicesDep) -
     responses={
         200: {"model": DeviceOut, "description": "Already known; nothing changed but last_seen"},
         201: {"model": DeviceOut, "description": "Registered as pending"},
+        429: {"model": ErrorOut, "description": "Too many new machines from this address; retry later"},
     },
     status_code=201,
 )

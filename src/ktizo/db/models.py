@@ -66,7 +66,7 @@ class Device(Base):
     source: Mapped[str] = mapped_column(String(16), default="manual", server_default="manual")
     facts: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
-    first_seen: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    first_seen: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     last_seen: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     last_ip: Mapped[str | None] = mapped_column(String(45))
     approved_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)

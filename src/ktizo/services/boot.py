@@ -17,7 +17,7 @@ from ktizo.domain.devices import DeviceStatus, Source, not_approved_message
 from ktizo.domain.errors import KtizoError, PermissionDenied, ValidationFailed
 from ktizo.services import audit
 from ktizo.services.context import Actor
-from ktizo.services.devices import insert_ignoring_conflict
+from ktizo.services.devices import check_new_device_budget, insert_ignoring_conflict
 from ktizo.services.render import RenderableDevice, RenderCache, Renderer
 
 # SMBIOS UUIDs that firmware vendors ship on many boards at once: they identify nothing.
@@ -107,8 +107,10 @@ class BootService:
         *,
         last_seen_interval: float = 15.0,
         require_lease_ip: bool = False,
+        new_per_minute: int = 0,
         access_check: Callable[[int, str | None], None] | None = None,
     ) -> None:
+        self.new_per_minute = new_per_minute
         self.db = db
         self.renderer = renderer
         self.last_seen_interval = last_seen_interval
@@ -137,7 +139,8 @@ class BootService:
             )
         device = self._find(claim)
         if device is None:
-            return Answer(error=NotApproved(DeviceStatus.PENDING), followup=partial(self._first_contact, claim))
+            first_contact = partial(self._first_contact, claim, self.new_per_minute)
+            return Answer(error=NotApproved(DeviceStatus.PENDING), followup=first_contact)
 
         mismatch = self._identity_mismatch(device, claim)
         if mismatch is not None:
@@ -180,8 +183,9 @@ class BootService:
             return conn.execute(_BY_UUID, {"uuid": claim.identifying_uuid}).first()
 
     @staticmethod
-    def _first_contact(claim: Claim, s: Session) -> None:
+    def _first_contact(claim: Claim, new_per_minute: int, s: Session) -> None:
         now = utcnow()
+        check_new_device_budget(s, claim.source_ip, new_per_minute)
         new_id = insert_ignoring_conflict(
             s,
             {

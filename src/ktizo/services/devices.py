@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +16,7 @@ from ktizo.db.models import Device
 from ktizo.db.types import utcnow
 from ktizo.domain.bounds import is_possible_id, parse_id
 from ktizo.domain.devices import DeviceStatus, Role, Source, check_transition
-from ktizo.domain.errors import Conflict, NotFound, ValidationFailed
+from ktizo.domain.errors import Conflict, NotFound, TooManyAttempts, ValidationFailed
 from ktizo.domain.identity import normalize_interface_address, normalize_ip, normalize_mac
 from ktizo.domain.users import UserRole
 from ktizo.services import audit
@@ -72,6 +73,31 @@ _ORDERABLE = {
 }
 
 
+NEW_DEVICE_WINDOW = dt.timedelta(minutes=1)
+
+
+def check_new_device_budget(session: Session, source_ip: str | None, per_minute: int) -> None:
+    """Refuse (429) one more unknown machine from an address that registered ``per_minute`` already.
+
+    The unauthenticated doors create rows: without a budget one host could fill the pending list (and the
+    database) with invented MACs. Real machines each have their own address, and Talos retries a refusal, so a
+    rack behind one NAT still gets in, a minute's worth at a time. Counted in the database, so every replica
+    shares the budget."""
+    if not per_minute or not source_ip:
+        return
+    since = utcnow() - NEW_DEVICE_WINDOW
+    count, oldest = session.execute(
+        select(func.count(), func.min(Device.first_seen)).where(Device.first_seen >= since, Device.last_ip == source_ip)
+    ).one()
+    if count >= per_minute:
+        wait = max(1, int((oldest + NEW_DEVICE_WINDOW - utcnow()).total_seconds()) + 1)
+        raise TooManyAttempts(
+            f"too many new machines from {source_ip} in the last minute ({count}); this one is registered when it "
+            f"asks again in {wait} s",
+            wait,
+        )
+
+
 def insert_ignoring_conflict(session: Session, values: dict[str, Any]) -> int | None:
     """INSERT … ON CONFLICT DO NOTHING: concurrent first contacts of one machine make exactly one row.
 
@@ -84,8 +110,14 @@ def insert_ignoring_conflict(session: Session, values: dict[str, Any]) -> int | 
 
 class DeviceService:
     def __init__(
-        self, db: Database, source: ConfigSource | None = None, watcher: ApprovalWatcher | None = None
+        self,
+        db: Database,
+        source: ConfigSource | None = None,
+        watcher: ApprovalWatcher | None = None,
+        *,
+        new_per_minute: int = 0,
     ) -> None:
+        self.new_per_minute = new_per_minute  # see check_new_device_budget
         self.db = db
         self.source = source
         self.watcher = watcher
@@ -337,6 +369,8 @@ class DeviceService:
         """First contact by MAC: create a pending record unless one exists. Returns (device, created)."""
         now = utcnow()
         with self.db.write() as s:
+            if s.scalar(select(Device.id).where(Device.mac_address == mac)) is None:
+                check_new_device_budget(s, source_ip, self.new_per_minute)
             new_id = insert_ignoring_conflict(
                 s,
                 {

@@ -22,12 +22,19 @@ from ktizo.db import Database
 from ktizo.db.models import AuditEvent, Device, DeviceCode, ServiceToken
 from ktizo.db.types import utcnow
 from ktizo.domain.devices import DeviceStatus, Source
-from ktizo.domain.errors import KtizoError, NotFound, PermissionDenied, Unauthenticated, ValidationFailed
+from ktizo.domain.errors import (
+    KtizoError,
+    NotFound,
+    PermissionDenied,
+    TooManyAttempts,
+    Unauthenticated,
+    ValidationFailed,
+)
 from ktizo.domain.identity import is_placeholder, normalize_ip, normalize_mac, normalize_serial, normalize_uuid
 from ktizo.domain.users import UserRole
 from ktizo.services import audit
 from ktizo.services.context import Actor
-from ktizo.services.devices import DeviceChanges, DeviceService, insert_ignoring_conflict
+from ktizo.services.devices import DeviceChanges, DeviceService, check_new_device_budget, insert_ignoring_conflict
 from ktizo.services.watch import ApprovalWatcher
 
 # Console codes: consonants only (no words, nothing to confuse with 0/O or 1/I), shown as XXXX-XXXX.
@@ -238,6 +245,13 @@ class NetbootService:
     def _record_boot(self, facts: BootFacts, source_ip: str | None) -> Device:
         now = utcnow()
         with self.db.write() as s:
+            if s.scalar(select(Device.id).where(Device.mac_address == facts.mac)) is None:
+                try:
+                    check_new_device_budget(s, source_ip, self.devices.new_per_minute)
+                except TooManyAttempts:
+                    # Boot it all the same, unrecorded: Talos's config request registers it once this address
+                    # is within its budget again (Talos retries), and nothing secret is in an iPXE script.
+                    return Device(mac_address=facts.mac, status=DeviceStatus.PENDING.value)
             new_id = insert_ignoring_conflict(
                 s,
                 {
@@ -370,6 +384,11 @@ class NetbootService:
         device_code = secrets.token_urlsafe(32)
         now = utcnow()
         with self.db.write() as s:
+            if s.scalar(select(Device.id).where(Device.mac_address == mac_value)) is None:
+                try:
+                    check_new_device_budget(s, source_ip, self.devices.new_per_minute)
+                except TooManyAttempts as exc:
+                    raise OAuthError("temporarily_unavailable", exc.message, 429) from None
             new_id = insert_ignoring_conflict(
                 s,
                 {
