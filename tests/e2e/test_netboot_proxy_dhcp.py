@@ -120,7 +120,12 @@ def test_a_vm_netboots_with_proxy_dhcp_next_to_the_sites_dhcp_server(proxy_dhcp:
     assert device["facts"]["platform"] == ("pcbios" if firmware == "bios" else "efi")
     proxy_log = ktizo.pxe.output()
     assert re.search(rf"PXE\(br0\) {re.escape(mac)} proxy", proxy_log)
-    assert any(mac in line and "reported add" in line for line in log_lines(proxy_dhcp.site_dhcp, "dhcp-event"))
+    # The hook logs its outcome after the server answered, so the line may trail the device by a moment.
+    wait_for(
+        lambda: any(mac in line and "reported add" in line for line in log_lines(proxy_dhcp.site_dhcp, "dhcp-event")),
+        10,
+        "the dhcp-script's log line",
+    )
     if firmware == "uefi":
         assert re.search(rf"sent \S+/tftp/snponly\.efi to {re.escape(lease_ip)}", proxy_log)
 
