@@ -165,3 +165,14 @@ def test_the_posted_lookup_still_locks_out_a_guesser(desk: Desk) -> None:
     locked = client.post("/ui/device-codes", data={CSRF_FIELD: csrf, "code": flow["user_code"]})
     assert locked.status_code == 403 and "too many wrong console codes" in locked.text
     assert MAC not in locked.text
+
+
+def test_approving_a_wrong_code_counts_one_miss_not_two(desk: Desk) -> None:
+    client, services, session = desk.client, desk.services, desk.session
+    client.cookies.set(SESSION_COOKIE, session, path="/ui")
+    r = client.post(
+        "/ui/device-codes/approve",
+        data={CSRF_FIELD: csrf_token(session), "code": "BBBB-BBBB", "hostname": "node-09", "role": "worker"},
+    )
+    assert r.status_code == 422 and "no machine is waiting with console code BBBB-BBBB" in r.text
+    assert _misses(services, "olga") == 1

@@ -63,15 +63,21 @@ def approve_by_code(request: Request, user: CurrentUser, form: CheckedForm) -> R
     errors: Errors = {}
     changes, values = _approve_changes(form, errors)
     device = None
+    code_refused = False
     if not errors:
         try:
             device = services.netboot.approve_code(user.actor, code, changes)
+        except NotFound as exc:
+            # Expired or taken meanwhile: say so by the code field. It already counted as a miss, so the page is
+            # drawn without looking the code up again (that would count a second one).
+            code_refused = True
+            errors["code"] = exc.message
         except KtizoError as exc:
             note_error(errors, exc, (*APPROVE_FIELDS, "code"))
     if device is not None and not errors:
         return _page(request, user, values={}, approved=device)
     try:
-        device = services.netboot.lookup_code(user.actor, code) if code else None
+        device = services.netboot.lookup_code(user.actor, code) if code and not code_refused else None
     except KtizoError:
         device = None
     return _page(request, user, code=code, device=device, errors=errors, values=values, status_code=422)
