@@ -3,7 +3,11 @@ a rejected machine frees both, so a failed machine is replaced by rejecting it a
 
 from __future__ import annotations
 
+import re
+
 from fastapi.testclient import TestClient
+
+from ktizo.web.session import CSRF_FIELD, SESSION_COOKIE, csrf_token
 
 
 def _create(client: TestClient, ops: dict[str, str], mac: str) -> int:
@@ -25,12 +29,12 @@ def test_an_address_or_name_in_use_is_refused_with_the_holder_named(client: Test
     r = _approve(client, ops, second, hostname="node-02", ip_address="10.0.5.100/25")  # same host, other prefix
     assert r.status_code == 409
     assert r.json()["detail"] == (
-        f"ip_address 10.0.5.100 is already the static IP of approved device {first} (52:54:00:00:10:01): "
+        f"10.0.5.100 is already the static IP of approved device {first} (52:54:00:00:10:01): "
         "pick another address, or change or revoke that device first"
     )
     r = _approve(client, ops, second, hostname="NODE-01", ip_address="10.0.5.101/24")
     assert r.status_code == 409
-    assert r.json()["detail"].startswith(f"hostname node-01 is already used by approved device {first} ")
+    assert r.json()["detail"].startswith(f"node-01 is already the hostname of approved device {first} ")
     # Nothing half-written: the refused device is still pending without the fields.
     dev = client.get(f"/api/v1/devices/{second}", headers=ops).json()
     assert (dev["status"], dev["hostname"], dev["ip_address"]) == ("pending", None, None)
@@ -63,3 +67,19 @@ def test_a_deleted_devices_id_is_never_given_to_another(client: TestClient, ops:
     assert newcomer > gone > first
     history = client.get(f"/api/v1/audit?device_id={gone}", headers=ops).json()["items"]
     assert {e["device_mac"] for e in history} == {"52:54:00:00:30:02"}
+
+
+def test_the_approve_form_shows_the_clash_next_to_the_field(client: TestClient, ops: dict[str, str]) -> None:
+    first = _create(client, ops, "52:54:00:00:40:01")
+    second = _create(client, ops, "52:54:00:00:40:02")
+    assert _approve(client, ops, first, hostname="edge-1", ip_address="10.0.7.5/24").status_code == 200
+    session = ops["Authorization"].removeprefix("Bearer ")
+    client.cookies.set(SESSION_COOKIE, session, path="/ui")
+    form = {CSRF_FIELD: csrf_token(session), "hostname": "edge-2", "ip_address": "10.0.7.5/24", "role": "worker"}
+    r = client.post(f"/ui/devices/{second}/approve", data=form, headers={"HX-Request": "true"})
+    assert r.status_code == 422
+    field = re.search(r'<input[^>]*id="d\d+-ip"[^>]*aria-invalid="true"', r.text)
+    assert field is not None, "the IP field is marked invalid"
+    said = re.search(r'<p class="field-error"[^>]*>.*?</svg> ([^<]*)</p>', r.text)
+    assert said is not None and said.group(1).startswith("10.0.7.5 is already the static IP of approved device")
+    assert client.get(f"/api/v1/devices/{second}", headers=ops).json()["status"] == "pending"

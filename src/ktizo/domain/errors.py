@@ -16,7 +16,12 @@ class NotFound(KtizoError):
 
 
 class Conflict(KtizoError):
-    """The request collides with existing state (a duplicate MAC, a username taken)."""
+    """The request collides with existing state (a duplicate MAC, a username taken); ``field`` names the input
+    that collides when there is one, so a form can show the refusal next to it."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class InvalidTransition(Conflict):

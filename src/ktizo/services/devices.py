@@ -449,15 +449,17 @@ def _ensure_name_and_address_free(s: Session, device_id: int, hostname: str | No
         clash = s.scalar(others.where(or_(Device.ip_address == host, Device.ip_address.like(f"{host}/%"))))
         if clash is not None:
             raise Conflict(
-                f"ip_address {host} is already the static IP of approved device {_named(clash)}: "
-                "pick another address, or change or revoke that device first"
+                f"{host} is already the static IP of approved device {_named(clash)}: "
+                "pick another address, or change or revoke that device first",
+                "ip_address",
             )
     if hostname:
         clash = s.scalar(others.where(func.lower(Device.hostname) == hostname.lower()))
         if clash is not None:
             raise Conflict(
-                f"hostname {hostname} is already used by approved device {_named(clash)}: "
-                "pick another name, or change or revoke that device first"
+                f"{hostname} is already the hostname of approved device {_named(clash)}: "
+                "pick another name, or change or revoke that device first",
+                "hostname",
             )
 
 
