@@ -1,13 +1,16 @@
-"""Fixtures for the network-boot plumbing: a local stand-in for the Talos image factory."""
+"""Fixtures for the network-boot plumbing: a local stand-in for the Talos image factory, and recording HTTP
+servers standing in for Ktizo (and for an attacker) behind the DHCP hook."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -84,3 +87,58 @@ def factory() -> Iterator[Factory]:
     server.shutdown()
     server.server_close()
     thread.join(timeout=5)
+
+
+@dataclass
+class Stub:
+    """Records every POST: (path, Authorization header, JSON body); answers ``status``."""
+
+    url: str = ""
+    status: int = 200
+    received: list[tuple[str, str | None, dict[str, object]]] = field(default_factory=list)
+
+    def sent(self) -> list[tuple[str | None, dict[str, object]]]:
+        return [(auth, body) for _, auth, body in self.received]
+
+
+@pytest.fixture
+def stubs() -> Iterator[Callable[[], Stub]]:
+    """Starts as many recording HTTP servers as a test asks for: Ktizo, and the attacker's."""
+    servers: list[ThreadingHTTPServer] = []
+
+    def start() -> Stub:
+        stub = Stub()
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                stub.received.append((self.path, self.headers.get("Authorization"), body))
+                self.send_response(stub.status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        stub.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        servers.append(httpd)
+        return stub
+
+    yield start
+    for httpd in servers:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.fixture
+def server(stubs: Callable[[], Stub]) -> Stub:
+    return stubs()
+
+
+@pytest.fixture
+def token_file(tmp_path: Path) -> Path:
+    path = tmp_path / "dhcp-token"
+    path.write_text("ktzdhcp_secret\n")
+    return path

@@ -3,14 +3,10 @@ may be read as an option (``--server=…`` would send the event, and the hook's 
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import threading
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,54 +14,11 @@ from typer.testing import CliRunner
 
 from ktizo.cli import app
 from ktizo.pxe.events import hook_script, main, parse_event
+from tests.pxe.conftest import Stub
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 MAC = "52:54:00:ab:cd:ef"
 IP = "10.0.0.5"
-
-
-@dataclass
-class Stub:
-    url: str = ""
-    received: list[tuple[str | None, dict[str, object]]] = field(default_factory=list)
-
-
-@pytest.fixture
-def stubs() -> Iterator[Callable[[], Stub]]:
-    """Starts as many recording HTTP servers as a test asks for: Ktizo, and the attacker's."""
-    servers: list[ThreadingHTTPServer] = []
-
-    def start() -> Stub:
-        stub = Stub()
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                stub.received.append((self.headers.get("Authorization"), body))
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-        httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        stub.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-        threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        servers.append(httpd)
-        return stub
-
-    yield start
-    for httpd in servers:
-        httpd.shutdown()
-        httpd.server_close()
-
-
-@pytest.fixture
-def token_file(tmp_path: Path) -> Path:
-    path = tmp_path / "dhcp-token"
-    path.write_text("ktzdhcp_secret\n")
-    return path
 
 
 def run_hook(script: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -104,7 +57,7 @@ def test_a_hostname_like_an_option_does_not_redirect_the_hook(
     assert f"reported add {MAC} {IP}" in done.stderr
     assert evil.received == []
     # Not a legal hostname (RFC 1123 labels never start with "-"): the lease is reported without one.
-    assert ktizo.received == [("Bearer ktzdhcp_secret", {"action": "add", "mac": MAC, "ip": IP, "hostname": None})]
+    assert ktizo.sent() == [("Bearer ktzdhcp_secret", {"action": "add", "mac": MAC, "ip": IP, "hostname": None})]
 
 
 def test_main_stops_reading_options_at_the_event_even_without_the_double_dash(
@@ -116,7 +69,7 @@ def test_main_stops_reading_options_at_the_event_even_without_the_double_dash(
     assert main([*options, "--", "old", MAC, IP, f"--server={evil.url}"]) == 0
     assert main([*options, "--", "del", MAC, IP, "node-1"]) == 0
     assert evil.received == []
-    assert [(body["action"], body["hostname"]) for _, body in ktizo.received] == [
+    assert [(body["action"], body["hostname"]) for _, body in ktizo.sent()] == [
         ("add", None),
         ("old", None),
         ("del", "node-1"),
@@ -143,7 +96,7 @@ def test_what_else_dnsmasq_runs_the_hook_with_is_ignored_quietly(
     done = run_hook(hook(ktizo.url), *(a.replace("EVIL", evil.url) for a in args))
     assert done.returncode == 0, done.stderr
     assert done.stderr.startswith("dhcp-event: ") and "reported" not in done.stderr
-    assert ktizo.received == [] and evil.received == []
+    assert ktizo.sent() == [] and evil.received == []
 
 
 def test_dnsmasqs_lease_events_still_arrive(stubs: Callable[[], Stub], hook: Callable[[str], Path]) -> None:
@@ -151,7 +104,7 @@ def test_dnsmasqs_lease_events_still_arrive(stubs: Callable[[], Stub], hook: Cal
     script = hook(ktizo.url)
     for args in (["add", MAC, IP, "node-1"], ["old", MAC, IP], ["del", MAC, IP, "node-1"]):
         assert run_hook(script, *args).returncode == 0
-    assert [body for _, body in ktizo.received] == [
+    assert [body for _, body in ktizo.sent()] == [
         {"action": "add", "mac": MAC, "ip": IP, "hostname": "node-1"},
         {"action": "old", "mac": MAC, "ip": IP, "hostname": None},
         {"action": "del", "mac": MAC, "ip": IP, "hostname": "node-1"},
@@ -181,7 +134,7 @@ def test_the_cli_hook_stops_reading_options_at_the_event(stubs: Callable[[], Stu
     )
     assert result.exit_code == 0, result.output
     assert evil.received == []
-    assert ktizo.received == [
+    assert ktizo.sent() == [
         ("Bearer from-data-dir", {"action": action, "mac": MAC, "ip": IP, "hostname": None})
         for action in ("add", "add", "add", "old")
     ]

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -17,46 +12,9 @@ from typer.testing import CliRunner
 
 from ktizo.cli import app
 from ktizo.pxe.events import DhcpEvent, Skip, handle, hook_script, parse_event
+from tests.pxe.conftest import Stub
 
 SRC = Path(__file__).resolve().parents[2] / "src"
-
-
-@dataclass
-class Stub:
-    url: str = ""
-    status: int = 200
-    received: list[tuple[str, str | None, dict[str, object]]] = field(default_factory=list)
-
-
-@pytest.fixture
-def server() -> Iterator[Stub]:
-    stub = Stub()
-
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-        def do_POST(self) -> None:
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            stub.received.append((self.path, self.headers.get("Authorization"), body))
-            self.send_response(stub.status)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    stub.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield stub
-    httpd.shutdown()
-    httpd.server_close()
-
-
-@pytest.fixture
-def token_file(tmp_path: Path) -> Path:
-    path = tmp_path / "dhcp-token"
-    path.write_text("ktzdhcp_secret\n")
-    return path
 
 
 def test_parse_what_dnsmasq_passes() -> None:
