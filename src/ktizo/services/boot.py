@@ -185,7 +185,7 @@ class BootService:
     @staticmethod
     def _first_contact(claim: Claim, new_per_minute: int, s: Session) -> None:
         now = utcnow()
-        check_new_device_budget(s, claim.source_ip, new_per_minute)
+        check_new_device_budget(s, claim.mac, claim.source_ip, new_per_minute)
         new_id = insert_ignoring_conflict(
             s,
             {

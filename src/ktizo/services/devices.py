@@ -76,14 +76,17 @@ _ORDERABLE = {
 NEW_DEVICE_WINDOW = dt.timedelta(minutes=1)
 
 
-def check_new_device_budget(session: Session, source_ip: str | None, per_minute: int) -> None:
-    """Refuse (429) one more unknown machine from an address that registered ``per_minute`` already.
+def check_new_device_budget(session: Session, mac: str | None, source_ip: str | None, per_minute: int) -> None:
+    """Refuse (429) one more unknown machine from an address that registered ``per_minute`` already; a machine
+    already known by ``mac`` is never refused.
 
     The unauthenticated doors create rows: without a budget one host could fill the pending list (and the
     database) with invented MACs. Real machines each have their own address, and Talos retries a refusal, so a
     rack behind one NAT still gets in, a minute's worth at a time. Counted in the database, so every replica
     shares the budget."""
     if not per_minute or not source_ip:
+        return
+    if mac is not None and session.scalar(select(Device.id).where(Device.mac_address == mac)) is not None:
         return
     since = utcnow() - NEW_DEVICE_WINDOW
     count, oldest = session.execute(
@@ -369,8 +372,7 @@ class DeviceService:
         """First contact by MAC: create a pending record unless one exists. Returns (device, created)."""
         now = utcnow()
         with self.db.write() as s:
-            if s.scalar(select(Device.id).where(Device.mac_address == mac)) is None:
-                check_new_device_budget(s, source_ip, self.new_per_minute)
+            check_new_device_budget(s, mac, source_ip, self.new_per_minute)
             new_id = insert_ignoring_conflict(
                 s,
                 {

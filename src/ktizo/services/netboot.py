@@ -245,13 +245,12 @@ class NetbootService:
     def _record_boot(self, facts: BootFacts, source_ip: str | None) -> Device:
         now = utcnow()
         with self.db.write() as s:
-            if s.scalar(select(Device.id).where(Device.mac_address == facts.mac)) is None:
-                try:
-                    check_new_device_budget(s, source_ip, self.devices.new_per_minute)
-                except TooManyAttempts:
-                    # Boot it all the same, unrecorded: Talos's config request registers it once this address
-                    # is within its budget again (Talos retries), and nothing secret is in an iPXE script.
-                    return Device(mac_address=facts.mac, status=DeviceStatus.PENDING.value)
+            try:
+                check_new_device_budget(s, facts.mac, source_ip, self.devices.new_per_minute)
+            except TooManyAttempts:
+                # Boot it all the same, unrecorded: Talos's config request registers it once this address is
+                # within its budget again (Talos retries), and nothing secret is in an iPXE script.
+                return Device(mac_address=facts.mac, status=DeviceStatus.PENDING.value)
             new_id = insert_ignoring_conflict(
                 s,
                 {
@@ -384,11 +383,10 @@ class NetbootService:
         device_code = secrets.token_urlsafe(32)
         now = utcnow()
         with self.db.write() as s:
-            if s.scalar(select(Device.id).where(Device.mac_address == mac_value)) is None:
-                try:
-                    check_new_device_budget(s, source_ip, self.devices.new_per_minute)
-                except TooManyAttempts as exc:
-                    raise OAuthError("temporarily_unavailable", exc.message, 429) from None
+            try:
+                check_new_device_budget(s, mac_value, source_ip, self.devices.new_per_minute)
+            except TooManyAttempts as exc:
+                raise OAuthError("temporarily_unavailable", exc.message, 429) from None
             new_id = insert_ignoring_conflict(
                 s,
                 {
