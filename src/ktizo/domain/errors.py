@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 
 class KtizoError(Exception):
     """Base of every error Ktizo raises on purpose."""
@@ -41,11 +43,16 @@ class PermissionDenied(KtizoError):
 
 
 class TooManyAttempts(KtizoError):
-    """Refused for now because of too many recent failures (logins, console codes); ``retry_after`` in seconds."""
+    """Refused for now because of too many recent attempts (sign-ins, new machines); ``retry_after`` in seconds."""
 
     def __init__(self, message: str, retry_after: int) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+    @staticmethod
+    def seconds_until(moment: dt.datetime, now: dt.datetime) -> int:
+        """A Retry-After for a window that frees up at ``moment``: whole seconds, rounded up, at least one."""
+        return max(1, int((moment - now).total_seconds()) + 1)
 
 
 class NotReady(KtizoError):

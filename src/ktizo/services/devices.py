@@ -93,7 +93,7 @@ def check_new_device_budget(session: Session, mac: str | None, source_ip: str | 
         select(func.count(), func.min(Device.first_seen)).where(Device.first_seen >= since, Device.last_ip == source_ip)
     ).one()
     if count >= per_minute:
-        wait = max(1, int((oldest + NEW_DEVICE_WINDOW - utcnow()).total_seconds()) + 1)
+        wait = TooManyAttempts.seconds_until(oldest + NEW_DEVICE_WINDOW, utcnow())
         raise TooManyAttempts(
             f"too many new machines from {source_ip} in the last minute ({count}); this one is registered when it "
             f"asks again in {wait} s",

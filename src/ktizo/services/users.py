@@ -177,7 +177,7 @@ class UserService:
         for stmt, allowed in checks:
             count, oldest = s.execute(stmt).one()
             if count >= allowed and oldest is not None:
-                return max(1, int((oldest + LOGIN_WINDOW - now).total_seconds()) + 1)
+                return TooManyAttempts.seconds_until(oldest + LOGIN_WINDOW, now)
         return 0
 
     def create_token(self, actor: Actor, username: str, *, name: str = "", ttl: dt.timedelta | None = None) -> str:
