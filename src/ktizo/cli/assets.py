@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 
 from ktizo.cli.common import fail, print_json, print_table, reports_errors, state
@@ -22,7 +22,7 @@ def _service(ctx: typer.Context) -> AssetService:
 
 
 class _Bars:
-    """One click progress bar per file, on stderr so that stdout stays the command's result."""
+    """One progress bar per file, on stderr so that stdout stays the command's result."""
 
     def __init__(self) -> None:
         self.label: str | None = None
@@ -33,7 +33,7 @@ class _Bars:
         if label != self.label:
             self.close()
             self.label = label
-            self.bar = click.progressbar(length=total, label=label, file=click.get_text_stream("stderr"))
+            self.bar = typer.progressbar(length=total, label=label, file=sys.stderr)
             self.bar.__enter__()
             self.shown = 0
         self.bar.update(done - self.shown)

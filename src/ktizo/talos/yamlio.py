@@ -166,6 +166,10 @@ def load_values(data: str | bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> lis
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         problem = exc.problem or exc.context or "syntax error"
+        if "nesting depth" in problem:
+            # PyYAML >= 6.0.3 has a nesting limit of its own, which its scanner can reach before the parser hands
+            # us the event past ours: say it in the same words either way.
+            raise ValidationFailed(f"YAML nested more than {MAX_DEPTH} levels deep{_where(mark)}") from None
         raise ValidationFailed(f"invalid YAML{_where(mark)}: {problem}") from None
     except yaml.reader.ReaderError as exc:
         raise ValidationFailed(f"invalid YAML at character {exc.position}: {exc.reason}") from None
