@@ -1,8 +1,16 @@
-"""Engines and transactions. Every use case runs in exactly one ``read()`` or ``write()`` block."""
+"""Engines and transactions.
+
+A use case runs its reads and writes in ``read()`` and ``write()`` blocks. The edges (an HTTP request, a CLI
+command, a background job) open one ``transaction()`` around all of it: every ``write()`` block inside joins it as a
+savepoint (a block that fails rolls back alone, as its own transaction would have), reads see what the request has
+written so far, and the whole request commits or rolls back at once. Outside a transaction each ``write()`` block
+is a transaction of its own."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextvars
+import logging
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,10 +18,135 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import QueuePool
 
+from ktizo.db.constraints import conflict_for
 from ktizo.db.writer import GroupCommitWriter, Work
+
+log = logging.getLogger(__name__)
+
+
+class Transaction:
+    """One request's, command's or job's transaction: a write session per database, opened on first use."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[int, Session] = {}
+        self._after_commit: list[Callable[[], None]] = []
+        self.keep_on_refusal = False
+        self.closed = False
+
+    def session(self, db: Database) -> Session:
+        session = self._sessions.get(id(db))
+        if session is None:
+            session = db._write()
+            session.begin()
+            self._sessions[id(db)] = session
+        return session
+
+    def open_session(self, db: Database) -> Session | None:
+        return self._sessions.get(id(db))
+
+    @property
+    def wrote(self) -> bool:
+        return bool(self._sessions)
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        self._after_commit.append(callback)
+
+    def commit(self) -> None:
+        """Commit every session; an ``IntegrityError`` becomes the domain's ``Conflict`` (see db.constraints)."""
+        try:
+            for session in self._sessions.values():
+                session.commit()
+        except IntegrityError as exc:
+            self.rollback()
+            raise conflict_for(exc) from None
+        except BaseException:
+            self.rollback()
+            raise
+        callbacks, self._after_commit = self._after_commit, []
+        self.close()
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:  # a wake-up that fails must not turn a committed change into an error
+                log.exception("after-commit callback failed")
+
+    def rollback(self) -> None:
+        for session in self._sessions.values():
+            session.rollback()
+        self._after_commit = []
+        self.close()
+
+    def close(self) -> None:
+        for session in self._sessions.values():
+            session.close()
+        self._sessions = {}
+        self.closed = True
+
+
+_current: contextvars.ContextVar[Transaction | None] = contextvars.ContextVar("ktizo_transaction", default=None)
+
+
+def current_transaction() -> Transaction | None:
+    tx = _current.get()
+    return tx if tx is not None and not tx.closed else None
+
+
+@contextmanager
+def transaction() -> Iterator[Transaction]:
+    """The edge's transaction: committed when the block ends, rolled back if it raises (unless the use case said
+    that what it wrote before refusing must stand, ``keep_on_refusal``). Nested calls join the outer one."""
+    outer = current_transaction()
+    if outer is not None:
+        yield outer
+        return
+    tx = Transaction()
+    token = _current.set(tx)
+    try:
+        yield tx
+    except BaseException:
+        if tx.keep_on_refusal:
+            tx.commit()
+        else:
+            tx.rollback()
+        raise
+    else:
+        tx.commit()
+    finally:
+        _current.reset(token)
+        if not tx.closed:
+            tx.rollback()
+
+
+def begin_transaction() -> tuple[Transaction, contextvars.Token[Transaction | None]]:
+    """``transaction()`` for an ASGI middleware, which commits at the start of the response, not at a block's end."""
+    tx = Transaction()
+    return tx, _current.set(tx)
+
+
+def end_transaction(token: contextvars.Token[Transaction | None]) -> None:
+    _current.reset(token)
+
+
+def keep_on_refusal() -> None:
+    """What the current transaction wrote stands even though the use case now refuses (raises): the record of a
+    failed sign-in or a wrong console code is the evidence the throttles count."""
+    tx = current_transaction()
+    if tx is not None:
+        tx.keep_on_refusal = True
+
+
+def after_commit(callback: Callable[[], None]) -> None:
+    """Run ``callback`` once the current transaction has committed (at once outside one): waking a held request
+    before the approval is committed would let it read the old state."""
+    tx = current_transaction()
+    if tx is None:
+        callback()
+    else:
+        tx.after_commit(callback)
 
 
 def _sqlite_engine(url: str, *, immediate: bool, pool_size: int) -> Engine:
@@ -73,17 +206,39 @@ class Database:
 
     @contextmanager
     def read(self) -> Iterator[Session]:
+        tx = current_transaction()
+        session = tx.open_session(self) if tx is not None else None
+        if session is not None:  # what this request wrote so far is what it must read
+            yield session
+            return
         with self._read() as session, session.begin():
             yield session
 
     @contextmanager
     def write(self) -> Iterator[Session]:
-        """One transaction: committed when the block ends, rolled back if it raises."""
-        with self._write() as session, session.begin():
-            yield session
+        """A transaction of its own (committed when the block ends, rolled back if it raises), or, inside the
+        edge's ``transaction()``, a savepoint of that one."""
+        tx = current_transaction()
+        if tx is None:
+            try:
+                with self._write() as session, session.begin():
+                    yield session
+            except IntegrityError as exc:
+                raise conflict_for(exc) from None
+            return
+        session = tx.session(self)
+        try:
+            with session.begin_nested():
+                yield session
+        except IntegrityError as exc:
+            raise conflict_for(exc) from None
 
     def submit(self, work: Work) -> Future[None]:
         """Run ``work(session)`` in a shared write transaction (group commit); the future says how it went."""
+        tx = current_transaction()
+        if tx is not None and tx.open_session(self) is not None:
+            # The writer needs the one write connection this transaction holds (SQLite): it would wait forever.
+            raise RuntimeError("group commit from inside a transaction that has written")
         return self._writer.submit(work)
 
     def ping(self) -> None:

@@ -7,6 +7,8 @@ from typing import Any
 
 from sqlalchemy import DateTime, Dialect, TypeDecorator
 
+from ktizo.domain import clock
+
 
 class UTCDateTime(TypeDecorator[dt.datetime]):
     """Timezone-aware UTC datetimes everywhere; SQLite has no zone, so it stores naive UTC."""
@@ -30,4 +32,5 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
 
 
 def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
+    """Now, by Ktizo's clock (which the tests can set): column defaults and every service read it."""
+    return clock.now()
