@@ -11,6 +11,7 @@ from fastapi.responses import RedirectResponse
 
 from ktizo import __version__
 from ktizo.api import BodyLimitMiddleware, build_router, install_error_handlers
+from ktizo.api.docs import install_docs
 from ktizo.api.errors import ErrorOut
 from ktizo.db import Database
 from ktizo.jobs.runner import JobRunner, default_jobs
@@ -102,13 +103,14 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
         title="Ktizo",
         version=__version__,
         description=DESCRIPTION,
-        docs_url="/docs",
+        docs_url=None,  # served from the package by install_docs: provisioning networks are often offline
         redoc_url=None,
         responses={
             400: {"model": ErrorOut, "description": "The request body could not be parsed"},
             413: {"model": ErrorOut, "description": "The request body is over the limit"},
         },
     )
+    install_docs(app)
     app.state.services = services
     app.state.settings = settings
     install_error_handlers(app)
