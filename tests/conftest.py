@@ -17,9 +17,11 @@ from ktizo.app import build_services, create_app
 from ktizo.cli import app as cli_app
 from ktizo.db import Database
 from ktizo.db.migrate import upgrade
+from ktizo.domain.clock import use as use_clock
 from ktizo.domain.users import UserRole
 from ktizo.services.registry import Services
 from ktizo.settings import Settings
+from tests.clock import ManualClock
 from tests.support import TALOS_FIXTURES, bearer, make_token
 
 PG_URL = os.environ.get("KTIZO_TEST_DATABASE_URL", "")
@@ -76,6 +78,13 @@ def database_url(db_template: str, tmp_path: Path) -> str:
     target = tmp_path / "ktizo.db"
     shutil.copyfile(db_template, target)
     return f"sqlite:///{target}"
+
+
+@pytest.fixture
+def clock() -> Iterator[ManualClock]:
+    """Ktizo's clock, in the test's hands: it moves only by ``clock.advance(…)``."""
+    with use_clock(ManualClock()) as manual:
+        yield manual
 
 
 @pytest.fixture

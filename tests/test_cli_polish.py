@@ -349,9 +349,9 @@ def banner(settings: Settings, monkeypatch: pytest.MonkeyPatch):  # type: ignore
     """What `ktizo serve` prints before it starts listening (the server itself is not started)."""
     import logging
 
-    import uvicorn
+    import ktizo.app.server
 
-    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: None)
+    monkeypatch.setattr(ktizo.app.server, "serve", lambda *args, **kwargs: None)
     monkeypatch.setattr(logging, "basicConfig", lambda **kwargs: None)  # the root logger is the test session's
 
     def run(*args: str, env: dict[str, str | None] | None = None) -> str:

@@ -386,12 +386,12 @@ def test_talosconfig_for_admins_with_the_approved_control_planes(
     r = client.get("/api/v1/cluster/talosconfig", headers=admin)
     assert r.status_code == 409 and "ktizo cluster generate" in r.json()["detail"]
     _adopt(client, admin, cluster_name="lab")
-    _device(client, ops, "52:54:00:00:10:10", ip_address="10.0.0.10/24", role="controlplane")
+    _device(client, admin, "52:54:00:00:10:10", ip_address="10.0.0.10/24", role="controlplane")
     _device(client, ops, "52:54:00:00:10:20", ip_address="10.0.0.20/24", role="worker")
     pending = client.post(
         "/api/v1/devices",
         json={"mac_address": "52:54:00:00:10:30", "ip_address": "10.0.0.30/24", "role": "controlplane"},
-        headers=ops,
+        headers=admin,
     )
     assert pending.status_code == 201
 
@@ -433,7 +433,7 @@ def test_preview_redacts_keys_and_tokens_and_reveal_is_for_admins(
 ) -> None:
     _adopt(client, admin)
     device_id = _device(
-        client, ops, "52:54:00:00:20:01", hostname="cp-1", ip_address="10.0.0.11/24", role="controlplane"
+        client, admin, "52:54:00:00:20:01", hostname="cp-1", ip_address="10.0.0.11/24", role="controlplane"
     )
 
     r = client.get(f"/api/v1/devices/{device_id}/config", headers=ops)
@@ -464,9 +464,15 @@ def test_preview_redacts_keys_and_tokens_and_reveal_is_for_admins(
     registry = (
         "machine:\n  registries:\n    config:\n      reg.example:\n        auth:\n          password: hunter2hunter2\n"
     )
-    assert client.put(f"/api/v1/devices/{device_id}", json={"patch": registry}, headers=ops).status_code == 200
+    assert client.put(f"/api/v1/devices/{device_id}", json={"patch": registry}, headers=admin).status_code == 200
     r = client.get(f"/api/v1/devices/{device_id}/config", headers=ops)
     assert "hunter2hunter2" not in r.text
+    # …and so is the patch itself, below admin.
+    shown = client.get(f"/api/v1/devices/{device_id}", headers=ops).json()["patch"]
+    assert "hunter2hunter2" not in shown and REDACTED in shown
+    assert "hunter2hunter2" in client.get(f"/api/v1/devices/{device_id}", headers=admin).json()["patch"]
+    history = client.get(f"/api/v1/audit?device_id={device_id}&action=update", headers=ops).text
+    assert "hunter2hunter2" not in history and "sha256" in history
     assert _v1(load_documents(r.content))["machine"]["registries"]["config"]["reg.example"]["auth"] == {
         "password": REDACTED
     }

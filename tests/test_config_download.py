@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import yaml
 from fastapi.testclient import TestClient
 
+from ktizo.domain.devices import IDENTITY_REFUSED
 from ktizo.services.registry import Services
 from ktizo.talos import load_documents, validate_documents
 from tests.support import TALOS_HEADERS, talos_url
@@ -90,10 +90,12 @@ def test_approved_device_gets_its_customized_config(
     assert audit["items"][0]["actor_type"] == "device"
 
 
-def test_controlplane_role_serves_the_controlplane_base(client: TestClient, ops: dict[str, str], bases: Path) -> None:
+def test_controlplane_role_serves_the_controlplane_base(
+    client: TestClient, ops: dict[str, str], admin: dict[str, str], bases: Path
+) -> None:
     talos_get(client, mac=MAC)
     dev = _device(client, ops)
-    client.post(f"/api/v1/devices/{dev['id']}/approve", json={"role": "controlplane"}, headers=ops)
+    client.post(f"/api/v1/devices/{dev['id']}/approve", json={"role": "controlplane"}, headers=admin)
     docs = load_documents(talos_get(client, mac=MAC).content)
     v1 = next(d for d in docs if "kind" not in d)
     assert v1["machine"]["type"] == "controlplane"
@@ -137,7 +139,7 @@ def test_identity_binding_refuses_another_uuid_until_cleared(
     other = "11111111-2222-3333-4444-555555555555"
     r = talos_get(client, mac=MAC, uuid=other, serial="SN-1")
     assert r.status_code == 403
-    assert "identity mismatch" in r.text
+    assert r.text.strip() == IDENTITY_REFUSED and UUID not in r.text and other not in r.text
     events = client.get(f"/api/v1/audit?device_id={dev['id']}&action=identity_mismatch", headers=ops).json()
     assert events["total"] == 1
     assert events["items"][0]["details"]["uuid"] == {"bound": UUID, "claimed": other}
@@ -160,10 +162,12 @@ def test_leaving_the_uuid_out_is_no_way_around_the_binding(
         client.post("/api/v1/config/download", json={"mac_address": MAC}),
     ):
         assert unproven.status_code == 403
-        assert "bound to uuid " + UUID in unproven.text and "Put uuid=${uuid} in the talos.config URL" in unproven.text
-        assert "machine:" not in unproven.text
+        # The same words whichever factor failed, and nothing the machine reported: UUID and serial stay unknown.
+        assert IDENTITY_REFUSED in unproven.text and "uuid=${uuid}" in unproven.text
+        assert UUID not in unproven.text and "SN-1" not in unproven.text and "machine:" not in unproven.text
     events = client.get(f"/api/v1/audit?device_id={dev['id']}&action=identity_mismatch", headers=ops).json()
-    assert events["total"] == 3
+    # Operators see the detail; the three refusals of one minute are one row with a count.
+    assert (events["total"], events["items"][0]["count"]) == (1, 3)
     assert events["items"][0]["details"]["uuid"] == {"bound": UUID, "claimed": None}
     assert talos_get(client, mac=MAC, uuid=UUID, serial="SN-1").status_code == 200
     client.post(f"/api/v1/devices/{dev['id']}/unbind", headers=ops)
@@ -193,19 +197,20 @@ def test_request_naming_no_machine_is_400_and_registers_nothing(client: TestClie
 
 def test_seed_post_forms_register_and_download(client: TestClient, ops: dict[str, str], bases: Path) -> None:
     r = client.post("/api/v1/devices/register", json={"mac_address": "00:11:22:33:44:55"})
-    assert r.status_code == 201
-    assert (r.json()["status"], r.json()["source"]) == ("pending", "register")
+    assert (r.status_code, r.json()) == (201, {"mac_address": "00:11:22:33:44:55", "status": "pending"})
     again = client.post("/api/v1/devices/register", json={"mac_address": "00-11-22-33-44-55"})
-    assert (again.status_code, again.json()["id"]) == (200, r.json()["id"])
+    assert (again.status_code, again.json()) == (200, {"mac_address": "00:11:22:33:44:55", "status": "pending"})
+    [registered] = client.get("/api/v1/devices", headers=ops).json()
+    assert registered["source"] == "register"
 
     r = client.post("/api/v1/config/download", json={"mac_address": "00:11:22:33:44:55"})
     assert r.status_code == 403
     assert r.json() == {"detail": "Device not approved. Current status: pending"}
-    client.post(f"/api/v1/devices/{again.json()['id']}/approve", json={"hostname": "seed-node"}, headers=ops)
+    client.post(f"/api/v1/devices/{registered['id']}/approve", json={"hostname": "seed-node"}, headers=ops)
     r = client.post("/api/v1/config/download", json={"mac_address": "00:11:22:33:44:55"})
     assert r.status_code == 200
-    assert yaml.safe_load_all(r.text) is not None
-    assert "hostname: seed-node" in r.text
+    docs = {d.get("kind", "v1alpha1"): d for d in load_documents(r.content)}
+    assert docs["HostnameConfig"]["hostname"] == "seed-node"
 
 
 @pytest.mark.parametrize("version", ["v1.11", "v1.12", "v1.13"])

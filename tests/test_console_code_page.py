@@ -12,8 +12,8 @@ from fastapi.testclient import TestClient
 from ktizo.app import build_services, create_app
 from ktizo.domain.users import UserRole
 from ktizo.services.audit import AuditQuery
+from ktizo.services.console_codes import CODE_MISSES_ALLOWED
 from ktizo.services.context import Actor
-from ktizo.services.netboot import CODE_MISSES_ALLOWED
 from ktizo.services.registry import Services
 from ktizo.settings import Settings
 from ktizo.web.session import CSRF_FIELD, SESSION_COOKIE, csrf_token
@@ -75,7 +75,7 @@ def test_an_operator_approves_the_machine_showing_a_code(desk: Desk) -> None:
             "code": flow["user_code"],
             "hostname": "Node-07",
             "ip_address": "10.0.9.7/24",
-            "role": "controlplane",
+            "role": "worker",
             "notes": "",
         },
     )
@@ -86,7 +86,7 @@ def test_an_operator_approves_the_machine_showing_a_code(desk: Desk) -> None:
         "approved",
         "node-07",
         "10.0.9.7/24",
-        "controlplane",
+        "worker",
         "olga",
     )
 

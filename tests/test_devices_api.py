@@ -28,12 +28,14 @@ def test_preregistered_device_is_pending_and_listed_by_status(client: TestClient
     assert client.get("/api/v1/devices?status=approved", headers=ops).json() == []
 
 
-def test_approve_sets_fields_and_records_who_and_when(client: TestClient, ops: dict[str, str]) -> None:
+def test_approve_sets_fields_and_records_who_and_when(
+    client: TestClient, ops: dict[str, str], admin: dict[str, str]
+) -> None:
     dev = _create(client, ops, mac_address="aa:bb:cc:00:00:02")
     r = client.post(
         f"/api/v1/devices/{dev['id']}/approve",
         json={"hostname": "cp-1", "ip_address": "10.0.5.100/24", "role": "controlplane", "notes": "first"},
-        headers=ops,
+        headers=admin,
     )
     assert r.status_code == 200, r.text
     body = r.json()
@@ -44,7 +46,7 @@ def test_approve_sets_fields_and_records_who_and_when(client: TestClient, ops: d
         "controlplane",
         "first",
     )
-    assert body["approved_by"] == "ops"
+    assert body["approved_by"] == "root"
     assert body["approved_at"] is not None
 
 
@@ -73,12 +75,14 @@ def test_transitions_reject_revoke_reapprove_and_refuse_the_rest(client: TestCli
     )
 
 
-def test_put_changes_only_the_fields_given_and_null_clears(client: TestClient, ops: dict[str, str]) -> None:
+def test_put_changes_only_the_fields_given_and_null_clears(
+    client: TestClient, ops: dict[str, str], admin: dict[str, str]
+) -> None:
     dev = _create(client, ops, mac_address="aa:bb:cc:00:00:05", hostname="old", ip_address="10.1.0.5/16")
     url = f"/api/v1/devices/{dev['id']}"
     body = client.put(url, json={"hostname": "new"}, headers=ops).json()
     assert (body["hostname"], body["ip_address"]) == ("new", "10.1.0.5/16")
-    body = client.put(url, json={"ip_address": None, "role": "controlplane"}, headers=ops).json()
+    body = client.put(url, json={"ip_address": None, "role": "controlplane"}, headers=admin).json()
     assert (body["hostname"], body["ip_address"], body["role"]) == ("new", None, "controlplane")
     assert client.get(url, headers=ops).json()["revision"] == body["revision"]
 

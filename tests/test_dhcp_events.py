@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import update
 
 from ktizo.db.models import Device
+from ktizo.domain.devices import IDENTITY_REFUSED
 from ktizo.domain.users import UserRole
 from ktizo.services.registry import Services
 from ktizo.settings import Settings
@@ -24,7 +25,7 @@ EVENTS = "/api/v1/dhcp/events"
 
 @pytest.fixture
 def dhcp_token(services: Services, settings: Settings) -> str:
-    return services.netboot.issue_dhcp_token(settings.pxe_dir / "dhcp-token")
+    return services.dhcp.issue_token(settings.pxe_dir / "dhcp-token")
 
 
 def event(client: TestClient, token: str | None, action: str, mac: str = MAC, ip: str = "10.0.0.50", **extra: str):  # type: ignore[no-untyped-def]
@@ -47,13 +48,13 @@ def audit(client: TestClient, ops: dict[str, str], **query: str) -> list[dict[st
 
 def test_issued_token_is_written_for_dnsmasq_only(services: Services, tmp_path: Path) -> None:
     path = tmp_path / "pxe" / "sub" / "dhcp-token"
-    token = services.netboot.issue_dhcp_token(path)
+    token = services.dhcp.issue_token(path)
     assert token.startswith("ktzdhcp_") and len(token) > 40
     assert path.read_text() == token + "\n"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     # Re-issuing over an existing (say, too open) file keeps it private and replaces the token.
     path.chmod(0o600)
-    again = services.netboot.issue_dhcp_token(path)
+    again = services.dhcp.issue_token(path)
     assert again != token and path.read_text() == again + "\n"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
@@ -85,7 +86,7 @@ def test_an_operator_token_is_not_the_dhcp_token(client: TestClient, ops: dict[s
 def test_a_reissued_token_invalidates_the_old_one(
     client: TestClient, ops: dict[str, str], services: Services, settings: Settings, dhcp_token: str
 ) -> None:
-    new = services.netboot.issue_dhcp_token(settings.pxe_dir / "dhcp-token")
+    new = services.dhcp.issue_token(settings.pxe_dir / "dhcp-token")
     assert event(client, dhcp_token, "add").status_code == 401
     assert devices(client, ops) == []
     assert event(client, new, "add").json() == {"result": "registered"}
@@ -115,7 +116,7 @@ def test_add_for_an_unknown_mac_registers_a_pending_device_with_its_lease(
         dev["id"],
         MAC,
     )
-    assert reg["details"] == {"source": "dhcp", "lease_ip": "10.0.0.50"}
+    assert reg["details"] == {"source": "dhcp", "kind": "talos", "lease_ip": "10.0.0.50"}
 
 
 @pytest.mark.parametrize("action", ["old", "add"])
@@ -184,7 +185,7 @@ def test_discovery_subnets_limit_what_registers(
     make_client: Callable[..., tuple[TestClient, Services]], settings: Settings
 ) -> None:
     client, services = make_client(discovery_subnets=["10.0.0.0/24", "fd00::/64"])
-    token = services.netboot.issue_dhcp_token(settings.pxe_dir / "dhcp-token")
+    token = services.dhcp.issue_token(settings.pxe_dir / "dhcp-token")
     ops = bearer(make_token(services, "ops", UserRole.OPERATOR))
     r = event(client, token, "add", ip="192.168.1.5")
     assert r.status_code == 200 and "outside the discovery subnets" in r.json()["result"]
@@ -203,7 +204,7 @@ def test_config_download_must_come_from_the_lease_ip(
     make_client: Callable[..., tuple[TestClient, Services]], settings: Settings, bases: Path
 ) -> None:
     client, services = make_client(require_lease_ip=True)
-    token = services.netboot.issue_dhcp_token(settings.pxe_dir / "dhcp-token")
+    token = services.dhcp.issue_token(settings.pxe_dir / "dhcp-token")
     ops = bearer(make_token(services, "ops", UserRole.OPERATOR))
     event(client, token, "add", ip="10.0.0.50")
     [dev] = devices(client, ops)
@@ -212,9 +213,12 @@ def test_config_download_must_come_from_the_lease_ip(
     # client is 10.0.0.9: a spoofed MAC on another port
     r = client.get(talos_url(mac=MAC), headers=TALOS_HEADERS)
     assert r.status_code == 403
-    assert "lease" in r.text and "10.0.0.50" in r.text
+    # The same answer as any unproven identity: nothing says that the lease is what failed, nor which it is.
+    assert r.text.strip() == IDENTITY_REFUSED and "10.0.0.50" not in r.text
     r = client.post("/api/v1/config/download", json={"mac_address": MAC})
-    assert r.status_code == 403 and "lease" in r.json()["detail"]
+    assert (r.status_code, r.json()) == (403, {"detail": IDENTITY_REFUSED})
+    mismatches = client.get(f"/api/v1/audit?device_id={dev['id']}&action=identity_mismatch", headers=ops).json()
+    assert mismatches["items"][0]["details"]["lease_ip"] == {"bound": "10.0.0.50", "claimed": "10.0.0.9"}
     assert devices(client, ops)[0]["last_config_download"] is None
 
     from_lease = TestClient(client.app, client=("10.0.0.50", 1234))
@@ -225,7 +229,7 @@ def test_config_download_must_come_from_the_lease_ip(
     # Once the lease is released there is no address the request could come from.
     event(client, token, "del", ip="10.0.0.50")
     r = from_lease.get(talos_url(mac=MAC), headers=TALOS_HEADERS)
-    assert r.status_code == 403 and "none known" in r.text
+    assert (r.status_code, r.text.strip()) == (403, IDENTITY_REFUSED)
 
 
 def test_without_the_setting_any_address_may_download(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 
 from ktizo.app import build_services, create_app
 from ktizo.db.models import AuditEvent, Device, DeviceCode
@@ -21,9 +21,10 @@ from ktizo.jobs.runner import Job, JobRunner, default_jobs
 from ktizo.services.boot import Claim, NotApproved
 from ktizo.services.context import Actor
 from ktizo.services.devices import DeviceChanges
-from ktizo.services.netboot import BootFacts
+from ktizo.services.ipxe import BootFacts
 from ktizo.services.registry import Services
 from ktizo.settings import Settings
+from tests.clock import ManualClock
 
 DAY = dt.timedelta(hours=24)
 DISCOVERED = {
@@ -60,12 +61,10 @@ def oauth_services(tmp_path: Path, database_url: str) -> Iterator[Services]:
 def discover_everywhere(services: Services) -> None:
     with pytest.raises(NotApproved):
         services.boot.fetch_config(Claim(mac=DISCOVERED["config_fetch"], source_ip="10.0.0.9"))
-    assert services.netboot.dhcp_event("add", DISCOVERED["dhcp"], "10.0.0.50", None) == "registered"
-    services.netboot.machine_script(BootFacts(mac=DISCOVERED["ipxe"], arch="x86_64"), "http://ktizo", "10.0.0.11")
+    assert services.dhcp.event("add", DISCOVERED["dhcp"], "10.0.0.50", None) == "registered"
+    services.ipxe.machine_script(BootFacts(mac=DISCOVERED["ipxe"], arch="x86_64"), "http://ktizo", "10.0.0.11")
     services.devices.register(DISCOVERED["register"], "10.0.0.12")
-    services.netboot.start_device_flow(
-        {"client_id": "ktizo", "mac": DISCOVERED["device_code"]}, "http://ktizo", "10.0.0.13"
-    )
+    services.device_flow.start({"client_id": "ktizo", "mac": DISCOVERED["device_code"]}, "http://ktizo", "10.0.0.13")
     system = Actor.system()
     services.devices.create(system, DeviceChanges(mac_address=KEPT["manual"]))
     approved, _ = services.devices.register(KEPT["approved"], None)
@@ -74,11 +73,6 @@ def discover_everywhere(services: Services) -> None:
     services.devices.reject(system, rejected.id)
     manual = services.devices.create(system, DeviceChanges(mac_address=KEPT["approved_manual"]))
     services.devices.approve(system, manual.id, DeviceChanges())
-
-
-def age_all(services: Services, by: dt.timedelta) -> None:
-    with services.db.write() as s:
-        s.execute(update(Device).values(first_seen=utcnow() - by))
 
 
 def sources(services: Services) -> dict[str | None, tuple[str, str]]:
@@ -91,14 +85,16 @@ def expire_events(services: Services) -> list[AuditEvent]:
         return list(s.scalars(select(AuditEvent).where(AuditEvent.action == "expire").order_by(AuditEvent.id)))
 
 
-def test_discovered_pending_devices_expire_with_an_audit_event_each(oauth_services: Services) -> None:
+def test_discovered_pending_devices_expire_with_an_audit_event_each(
+    oauth_services: Services, clock: ManualClock
+) -> None:
     services = oauth_services
     discover_everywhere(services)
     assert {source for source, _ in sources(services).values()} >= set(DISCOVERED)
-    age_all(services, DAY + dt.timedelta(minutes=1))
+    clock.advance((DAY + dt.timedelta(minutes=1)).total_seconds())
     services.devices.register(KEPT["fresh"], None)  # discovered a moment ago
 
-    assert services.netboot.expire_discovered(DAY) == len(DISCOVERED)
+    assert services.housekeeping.expire_discovered(DAY) == len(DISCOVERED)
 
     left = sources(services)
     assert set(left) == set(KEPT.values())
@@ -116,33 +112,33 @@ def test_discovered_pending_devices_expire_with_an_audit_event_each(oauth_servic
         assert s.scalar(select(func.count()).select_from(DeviceCode)) == 0
 
     # Nothing left to do: a second run removes nothing and audits nothing.
-    assert services.netboot.expire_discovered(DAY) == 0
+    assert services.housekeeping.expire_discovered(DAY) == 0
     assert len(expire_events(services)) == len(DISCOVERED)
 
 
-def test_nothing_expires_before_the_timeout(oauth_services: Services) -> None:
+def test_nothing_expires_before_the_timeout(oauth_services: Services, clock: ManualClock) -> None:
     discover_everywhere(oauth_services)
-    age_all(oauth_services, DAY - dt.timedelta(minutes=5))
-    assert oauth_services.netboot.expire_discovered(DAY) == 0
+    clock.advance((DAY - dt.timedelta(minutes=5)).total_seconds())
+    assert oauth_services.housekeeping.expire_discovered(DAY) == 0
     assert len(sources(oauth_services)) == len(DISCOVERED) + len(KEPT) - 1
     assert expire_events(oauth_services) == []
 
 
-def test_an_expired_machine_that_boots_again_is_pending_anew(services: Services) -> None:
+def test_an_expired_machine_that_boots_again_is_pending_anew(services: Services, clock: ManualClock) -> None:
     services.devices.register(DISCOVERED["register"], None)
-    age_all(services, DAY * 2)
-    assert services.netboot.expire_discovered(DAY) == 1
+    clock.advance((DAY * 2).total_seconds())
+    assert services.housekeeping.expire_discovered(DAY) == 1
     device, created = services.devices.register(DISCOVERED["register"], None)
     assert created and device.status == "pending"
 
 
-def test_the_job_runner_runs_expiry_until_stopped(services: Services) -> None:
+def test_the_job_runner_runs_expiry_until_stopped(services: Services, clock: ManualClock) -> None:
     services.devices.register(DISCOVERED["register"], None)
-    age_all(services, DAY * 2)
+    clock.advance((DAY * 2).total_seconds())
     runs: list[int] = []
 
     def expire() -> int:
-        done = services.netboot.expire_discovered(DAY)
+        done = services.housekeeping.expire_discovered(DAY)
         runs.append(done)
         return done
 
@@ -172,24 +168,27 @@ def test_the_job_runner_runs_expiry_until_stopped(services: Services) -> None:
     assert [e.device_mac for e in expire_events(services)] == [DISCOVERED["register"]]
 
 
-def test_default_jobs_expire_after_the_configured_timeout(services: Services) -> None:
-    services.devices.register(DISCOVERED["register"], None)
-    services.devices.register(DISCOVERED["dhcp"], None)
-    with services.db.write() as s:
-        s.execute(
-            update(Device)
-            .where(Device.mac_address == DISCOVERED["register"])
-            .values(first_seen=utcnow() - dt.timedelta(hours=3))
-        )
-    [job] = default_jobs(services, discovery_timeout_hours=2)
-    assert job.name == "expire-discovered" and job.every <= 300
-    assert job.run() == 1
-    assert set(sources(services)) == {DISCOVERED["dhcp"]}
+def test_default_jobs_expire_after_the_configured_timeout(settings: Settings, clock: ManualClock) -> None:
+    services = build_services(settings.model_copy(update={"discovery_timeout_hours": 2}))
+    try:
+        services.devices.register(DISCOVERED["register"], None)
+        clock.advance(hours=1)
+        services.devices.register(DISCOVERED["dhcp"], None)
+        clock.advance(hours=1, seconds=1)
+        jobs = {job.name: job for job in default_jobs(services)}
+        assert set(jobs) == {"expire-discovered", "expire-device-codes", "prune-audit"}
+        assert jobs["expire-discovered"].every <= 300
+        assert jobs["expire-discovered"].run() == 1  # two hours and a second old; the other is one hour old
+        assert set(sources(services)) == {DISCOVERED["dhcp"]}
+    finally:
+        services.db.dispose()
 
 
-def test_the_server_runs_the_expiry_job(tmp_path: Path, database_url: str, services: Services) -> None:
+def test_the_server_runs_the_expiry_job(
+    tmp_path: Path, database_url: str, services: Services, clock: ManualClock
+) -> None:
     services.devices.register(DISCOVERED["register"], None)
-    age_all(services, dt.timedelta(hours=2))
+    clock.advance((dt.timedelta(hours=2)).total_seconds())
     settings = Settings(data_dir=tmp_path / "data", database_url=database_url, discovery_timeout_hours=1)
     served = build_services(settings)
     try:
@@ -231,7 +230,7 @@ def test_concurrent_runs_remove_each_device_once(services: Services, settings: S
         def run(replica: Services) -> None:
             try:
                 barrier.wait()
-                results.append(replica.netboot.expire_discovered(DAY))
+                results.append(replica.housekeeping.expire_discovered(DAY))
             except BaseException as exc:
                 errors.append(exc)
 

@@ -205,8 +205,8 @@ def test_a_patch_cannot_change_a_devices_role(
     error = r.json()["detail"][0]
     assert error["loc"] == ["body", "patch", "machine", "type"]
     assert "role" in error["msg"]
-    device_id = _approved(client, ops, MACS[0], role="controlplane")
-    r = client.put(f"/api/v1/devices/{device_id}", json={"patch": "machine:\n  type: worker\n"}, headers=ops)
+    device_id = _approved(client, admin, MACS[0], role="controlplane")  # a control plane is an admin's to edit
+    r = client.put(f"/api/v1/devices/{device_id}", json={"patch": "machine:\n  type: worker\n"}, headers=admin)
     assert r.status_code == 422 and r.json()["detail"][0]["loc"][1] == "patch"
     assert _v1(_download(client, MACS[0]))["machine"]["type"] == "controlplane"
 
@@ -400,7 +400,7 @@ def test_changes_invalidate_exactly_the_affected_renders(
     cache = services.renderer.cache
     _group(client, admin, name="a", selector={"g": "a"}, patch=NVME_PATCH)
     a1 = _approved(client, ops, MACS[0], labels={"g": "a"})
-    _approved(client, ops, MACS[1], labels={"g": "a"}, role="controlplane")
+    _approved(client, admin, MACS[1], labels={"g": "a"}, role="controlplane")
     outsider = _approved(client, ops, MACS[2])
     macs = MACS[:3]
 

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from ktizo.cli import app as cli_app
 from ktizo.domain.errors import ValidationFailed
-from ktizo.services.netboot import BootFacts
+from ktizo.services.ipxe import BootFacts
 from ktizo.services.registry import Services
 from ktizo.settings import Settings
 from tests.support import TALOS_HEADERS, talos_url
@@ -156,9 +156,9 @@ def test_hostile_base_urls_never_become_script_lines(
     assert "${x}" not in r.text and "<script>" not in r.text
     for base in ("http://evil/\nchain http://evil/x", "http://h/${net0/mac}", "http://h/<script>", "http://h/ x"):
         with pytest.raises(ValidationFailed):
-            services.netboot.entry_script(base)
+            services.ipxe.entry_script(base)
         with pytest.raises(ValidationFailed):
-            services.netboot.machine_script(BootFacts(mac=MAC), base, None)
+            services.ipxe.machine_script(BootFacts(mac=MAC), base, None)
     hostile, _ = make_client(public_url="http://10.0.0.1:8000/\nchain http://evil/x")
     for path in ("/boot.ipxe", f"/api/v1/boot/ipxe?mac={MAC}"):
         r = hostile.get(path)
@@ -203,7 +203,10 @@ def test_unknown_machine_is_registered_pending_with_its_facts_and_boots_talos(
     assert dev["last_ip"] == "10.0.0.9"
     audit = client.get(f"/api/v1/audit?device_id={dev['id']}&action=register", headers=ops).json()
     assert audit["total"] == 1
-    assert (audit["items"][0]["actor_type"], audit["items"][0]["details"]) == ("device", {"source": "ipxe"})
+    assert (audit["items"][0]["actor_type"], audit["items"][0]["details"]) == (
+        "device",
+        {"source": "ipxe", "kind": "talos"},
+    )
 
     # A second boot of the same machine reuses the record and refreshes its facts.
     script = ipxe(client, **{**IPXE_QUERY, "product": "PowerEdge R660"})

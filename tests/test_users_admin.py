@@ -45,14 +45,14 @@ def test_reset_password_returns_a_new_one_and_the_old_one_stops_working(team: Se
     with pytest.raises(Unauthenticated):
         team.users.authenticate("ops", PASSWORD, None)
     assert team.users.authenticate("ops", new, None).username == "ops"
-    assert ("password_reset", {"username": "ops"}) in actions(team)
+    assert ("password_reset", {"username": "ops", "tokens_revoked": 0}) in actions(team)
     assert new not in str(actions(team))  # never in the audit log
 
 
 def test_role_changes_are_audited_and_the_last_admin_stays(team: Services) -> None:
     team.users.set_role(ROOT, "ops", UserRole.VIEWER)
     assert team.users.get_by_name("ops").role == "viewer"
-    assert ("user_role", {"username": "ops", "from": "operator", "to": "viewer"}) in actions(team)
+    assert ("user_role", {"username": "ops", "from": "operator", "to": "viewer", "tokens_revoked": 0}) in actions(team)
     with pytest.raises(Conflict, match="last enabled admin"):
         team.users.set_role(ROOT, "root", UserRole.OPERATOR)
     with pytest.raises(Conflict, match="your own account"):

@@ -5,10 +5,13 @@ Nothing reads settings at import time; ``app.create_app`` and the CLI build one 
 
 from __future__ import annotations
 
+import ipaddress
+import json
 from pathlib import Path
+from typing import Annotated, Any
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ktizo.pki.sealing import parse_keys
 
@@ -46,14 +49,15 @@ class Settings(BaseSettings):
     oauth_enabled: bool = Field(False, description="Boot Talos with the OAuth2 device flow (console codes).")
     oauth_client_id: str = "ktizo"
     discovery_timeout_hours: float = Field(24.0, description="Never-approved discovered devices expire after this.")
-    discovery_subnets: list[str] = Field(
+    discovery_subnets: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Only DHCP leases in these CIDRs register devices (empty: all)."
     )
     new_devices_per_minute: int = Field(
         120,
         ge=0,
         description="How many unknown machines one source address may register per minute through the "
-        "unauthenticated doors (config download, register, iPXE, device flow); more get 429 and retry (0: no limit).",
+        "unauthenticated doors (config download, register, iPXE, device flow), and how many console codes it may "
+        "ask for; more get 429 and retry (0: no limit).",
     )
     require_lease_ip: bool = Field(
         False, description="A config download must come from the MAC's current DHCP lease IP (second factor)."
@@ -65,10 +69,48 @@ class Settings(BaseSettings):
     pxe_interface: str | None = Field(None, description="Interface dnsmasq listens on for PXE.")
     dhcp_mode: str = Field("proxy", description="proxy (next to an existing DHCP server) or full (with a range).")
     dhcp_range: str | None = Field(None, description="For full DHCP: START,END[,LEASE], e.g. 10.0.0.100,10.0.0.200,12h")
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="CIDRs of reverse proxies whose X-Forwarded-For / Forwarded headers name the client: the address "
+        "used by the throttles, the new-machine budget, the lease check and the audit. Empty: trust no header.",
+    )
+    audit_retention_days: int = Field(
+        400, ge=0, description="Audit rows (and refusal counters) older than this are deleted by a job (0: kept)."
+    )
+    long_poll_max_held: int = Field(
+        0, ge=0, description="Config requests held open at once in all (0: half the connection limit)."
+    )
+    long_poll_per_address: int = Field(
+        16, ge=0, description="Config requests held open at once from one client address; more are answered at once."
+    )
+    max_connections: int = Field(
+        0,
+        ge=0,
+        description="Connections served at once; more get 503 (0: from the process's file limit, at most 10000).",
+    )
+    keep_alive_seconds: float = Field(5.0, gt=0, description="An idle kept-alive connection is closed after this.")
+    header_timeout_seconds: float = Field(
+        5.0, gt=0, description="A connection whose request headers have not all arrived after this is closed."
+    )
+    login_concurrency: int = Field(
+        4, ge=1, description="Password checks (Argon2id, 64 MiB each) run at once; more sign-ins wait their turn."
+    )
     log_level: str = "info"
     access_log: bool = Field(
         False, description="Log every HTTP request (a boot storm makes thousands; the audit log has what matters)."
     )
+
+    @field_validator("discovery_subnets", "trusted_proxies", mode="before")
+    @classmethod
+    def _cidr_list(cls, value: Any) -> Any:
+        """A JSON list, or CIDRs separated by commas (what a shell user writes); each must be a network."""
+        if isinstance(value, str):
+            text = value.strip()
+            value = json.loads(text) if text.startswith("[") else [p.strip() for p in text.split(",") if p.strip()]
+        if isinstance(value, list):
+            for item in value:
+                ipaddress.ip_network(str(item), strict=False)  # ValueError: pydantic names the setting
+        return value
 
     @field_validator("data_dir")
     @classmethod

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request
 from ktizo.api.deps import ServicesDep, Viewer, client_ip
 from ktizo.api.errors import responses
 from ktizo.api.schemas import LoginIn, MeOut, TokenOut
-from ktizo.db.types import utcnow
+from ktizo.domain.clock import now as utcnow
 from ktizo.services.users import SESSION_TTL
 
 router = APIRouter(prefix="/api/v1/auth", tags=["auth"])

@@ -28,7 +28,7 @@ def _changes(model: DeviceCreate | DeviceUpdate | ApproveIn) -> DeviceChanges:
 @router.get("", response_model=list[DeviceOut], responses=responses(401, 403))
 def list_devices(
     services: ServicesDep,
-    _actor: Viewer,
+    actor: Viewer,
     response: Response,
     status: DeviceStatus | None = None,
     q: Annotated[str | None, Query(max_length=100, description="Search MAC, hostname, IP, serial, UUID")] = None,
@@ -38,7 +38,7 @@ def list_devices(
     """List devices, optionally by status. The total count is in the ``X-Total-Count`` header."""
     rows, total = services.devices.list(DeviceQuery(status=status, search=q, limit=limit, offset=offset))
     response.headers["X-Total-Count"] = str(total)
-    return [DeviceOut.model_validate(d) for d in rows]
+    return [DeviceOut.of(d, actor) for d in rows]
 
 
 @router.post("", status_code=201, response_model=DeviceOut, responses=responses(401, 403, 409))
@@ -46,23 +46,35 @@ def create_device(body: DeviceCreate, services: ServicesDep, actor: Operator) ->
     """Pre-register a device before it boots. It starts as pending; approve it now or when it appears."""
     changes = _changes(body)
     changes.role = body.role
-    return DeviceOut.model_validate(services.devices.create(actor, changes))
+    device = services.devices.create(actor, changes)
+    return DeviceOut.of(device, actor, services.devices.warnings(device))
 
 
 @router.get("/{device_id}", response_model=DeviceOut, responses=_ERRORS)
-def get_device(device_id: DeviceId, services: ServicesDep, _actor: Viewer) -> DeviceOut:
-    return DeviceOut.model_validate(services.devices.get(device_id))
+def get_device(device_id: DeviceId, services: ServicesDep, actor: Viewer) -> DeviceOut:
+    return DeviceOut.of(services.devices.get(device_id), actor)
 
 
 @router.put("/{device_id}", response_model=DeviceOut, responses=responses(401, 403, 404, 409))
-def update_device(device_id: DeviceId, body: DeviceUpdate, services: ServicesDep, actor: Operator) -> DeviceOut:
-    """Change a device's fields; only the fields present in the body are touched."""
+def update_device(
+    device_id: DeviceId,
+    body: DeviceUpdate,
+    services: ServicesDep,
+    actor: Operator,
+    expected_revision: Annotated[
+        int | None,
+        Query(ge=1, le=MAX_ID, description="Refuse (409) if the device's revision is no longer this one"),
+    ] = None,
+) -> DeviceOut:
+    """Change a device's fields; only the fields present in the body are touched. Changing a controlplane machine
+    (or making one) needs the admin role."""
     changes = _changes(body)
     if changes.role is None:
         changes.role = UNSET  # a device always has a role; null leaves it as it is
     if changes.notes is None:
         changes.notes = ""
-    return DeviceOut.model_validate(services.devices.update(actor, device_id, changes))
+    device = services.devices.update(actor, device_id, changes, expected_revision=expected_revision)
+    return DeviceOut.of(device, actor, services.devices.warnings(device))
 
 
 @router.delete("/{device_id}", status_code=204, responses=_ERRORS)
@@ -78,12 +90,15 @@ def approve_device(
     actor: Operator,
     body: Annotated[ApproveIn | None, Body()] = None,
 ) -> DeviceOut:
-    """Approve a pending (or re-approve a rejected) device, setting hostname, static IP, role and notes."""
+    """Approve a pending (or re-approve a rejected) device, setting hostname, static IP, role and notes.
+
+    Operators approve workers; a controlplane machine (its config carries the cluster's CA keys) needs an admin."""
     body = body or ApproveIn()
     changes = _changes(body)
     if changes.notes is None:
         changes.notes = ""
-    return DeviceOut.model_validate(services.devices.approve(actor, device_id, changes))
+    device = services.devices.approve(actor, device_id, changes)
+    return DeviceOut.of(device, actor, services.devices.warnings(device))
 
 
 @router.post("/{device_id}/reject", response_model=DeviceOut, responses=responses(401, 403, 404, 409))
@@ -95,13 +110,13 @@ def reject_device(
 ) -> DeviceOut:
     """Reject a pending device, or revoke an approved one: it gets nothing more from Ktizo."""
     notes = body.notes if body is not None else None
-    return DeviceOut.model_validate(services.devices.reject(actor, device_id, notes))
+    return DeviceOut.of(services.devices.reject(actor, device_id, notes), actor)
 
 
 @router.post("/{device_id}/unbind", response_model=DeviceOut, responses=_ERRORS)
 def unbind_device(device_id: DeviceId, services: ServicesDep, actor: Operator) -> DeviceOut:
     """Forget the SMBIOS UUID and serial the device reported; the next request binds them afresh."""
-    return DeviceOut.model_validate(services.devices.unbind(actor, device_id))
+    return DeviceOut.of(services.devices.unbind(actor, device_id), actor)
 
 
 @router.get(

@@ -1,4 +1,4 @@
-"""Domain errors to HTTP statuses: the one table."""
+"""Domain errors as the API answers them: JSON bodies over the shared status table (``ktizo.http.errors``)."""
 
 from __future__ import annotations
 
@@ -8,35 +8,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from ktizo.domain.errors import (
-    Conflict,
-    InvalidTransition,
-    KtizoError,
-    NotFound,
-    NotReady,
-    PermissionDenied,
-    TooManyAttempts,
-    Unauthenticated,
-    ValidationFailed,
-)
-
-STATUS: dict[type[KtizoError], int] = {
-    ValidationFailed: 422,
-    Unauthenticated: 401,
-    PermissionDenied: 403,
-    NotFound: 404,
-    InvalidTransition: 409,
-    Conflict: 409,
-    TooManyAttempts: 429,
-    NotReady: 503,
-}
+from ktizo.domain.errors import KtizoError, Unauthenticated, ValidationFailed
+from ktizo.http.errors import retry_after, status_of
 
 
 def status_for(exc: KtizoError) -> int:
-    for cls in type(exc).__mro__:
-        if cls in STATUS:
-            return STATUS[cls]
-    return 400
+    return status_of(exc)[0]
 
 
 def error_body(exc: KtizoError) -> dict[str, Any]:
@@ -78,11 +55,7 @@ def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
 def install(app: FastAPI) -> None:
     async def handle(_request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, KtizoError)
-        headers = None
-        if isinstance(exc, Unauthenticated):
-            headers = {"WWW-Authenticate": "Bearer"}
-        elif isinstance(exc, TooManyAttempts):
-            headers = {"Retry-After": str(exc.retry_after)}
-        return JSONResponse(error_body(exc), status_code=status_for(exc), headers=headers)
+        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthenticated) else retry_after(exc)
+        return JSONResponse(error_body(exc), status_code=status_for(exc), headers=headers or None)
 
     app.add_exception_handler(KtizoError, handle)

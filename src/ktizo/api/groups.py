@@ -10,8 +10,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ktizo.api.deps import Admin, Operator, ServicesDep, Viewer
 from ktizo.api.errors import ValidationErrorOut, responses
-from ktizo.db.models import DeviceGroup
 from ktizo.domain.bounds import MAX_ID
+from ktizo.domain.users import UserRole
+from ktizo.services.context import Actor
+from ktizo.services.records import DeviceGroup
+from ktizo.talos import redact_patch
 
 router = APIRouter(prefix="/api/v1/groups", tags=["groups"])
 GroupRef = Annotated[str, Path(max_length=63, description="Group id or name")]
@@ -58,13 +61,14 @@ class MembersIn(BaseModel):
     remove: Annotated[list[Annotated[int, Field(ge=1, le=MAX_ID)]], Field(max_length=10000)] = []
 
 
-def _out(group: DeviceGroup, members: list[int]) -> GroupOut:
+def _out(group: DeviceGroup, members: list[int], actor: Actor) -> GroupOut:
+    """The group as ``actor`` may see it: its patch (which may hold secrets) redacted below admin."""
     return GroupOut(
         id=group.id,
         name=group.name,
         priority=group.priority,
         selector=group.selector,
-        patch=group.patch,
+        patch=group.patch if actor.role is UserRole.ADMIN else redact_patch(group.patch),
         gateway=group.gateway,
         nameservers=group.nameservers,
         description=group.description,
@@ -76,26 +80,26 @@ def _out(group: DeviceGroup, members: list[int]) -> GroupOut:
 
 
 @router.get("", response_model=list[GroupOut], responses=responses(401, 403))
-def list_groups(services: ServicesDep, _actor: Viewer) -> list[GroupOut]:
+def list_groups(services: ServicesDep, actor: Viewer) -> list[GroupOut]:
     """Groups in the order their patches apply (priority, then id): the last one wins."""
-    return [_out(g, m) for g, m in services.groups.all()]
+    return [_out(g, m, actor) for g, m in services.groups.all()]
 
 
 @router.post("", status_code=201, response_model=GroupOut, responses={**responses(401, 403, 409), **_422})
 def create_group(body: GroupIn, services: ServicesDep, actor: Admin) -> GroupOut:
     group = services.groups.create(actor, {k: getattr(body, k) for k in body.model_fields_set})
-    return _out(*services.groups.get(group.id))
+    return _out(*services.groups.get(group.id), actor)
 
 
 @router.get("/{ref}", response_model=GroupOut, responses=responses(401, 403, 404))
-def get_group(ref: GroupRef, services: ServicesDep, _actor: Viewer) -> GroupOut:
-    return _out(*services.groups.get(ref))
+def get_group(ref: GroupRef, services: ServicesDep, actor: Viewer) -> GroupOut:
+    return _out(*services.groups.get(ref), actor)
 
 
 @router.put("/{ref}", response_model=GroupOut, responses={**responses(401, 403, 404, 409), **_422})
 def update_group(ref: GroupRef, body: GroupIn, services: ServicesDep, actor: Admin) -> GroupOut:
     group = services.groups.update(actor, ref, {k: getattr(body, k) for k in body.model_fields_set})
-    return _out(*services.groups.get(group.id))
+    return _out(*services.groups.get(group.id), actor)
 
 
 @router.delete("/{ref}", status_code=204, responses=responses(401, 403, 404))
@@ -108,4 +112,4 @@ def delete_group(ref: GroupRef, services: ServicesDep, actor: Admin) -> Response
 def set_members(ref: GroupRef, body: MembersIn, services: ServicesDep, actor: Operator) -> GroupOut:
     """Add or remove explicit members (device ids)."""
     services.groups.set_members(actor, ref, body.add, body.remove)
-    return _out(*services.groups.get(ref))
+    return _out(*services.groups.get(ref), actor)

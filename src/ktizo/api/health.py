@@ -7,13 +7,12 @@ from fastapi.responses import JSONResponse
 
 from ktizo.api.deps import ServicesDep
 from ktizo.api.schemas import Health
-from ktizo.db.migrate import is_current
 
 router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz", response_model=Health)
-def healthz() -> Health:
+async def healthz() -> Health:
     """The process is up."""
     return Health(status="ok")
 
@@ -25,7 +24,7 @@ def readyz(services: ServicesDep) -> JSONResponse:
         services.db.ping()
     except Exception as exc:  # any driver error means the same thing here: not ready
         return JSONResponse(Health(status="unavailable", database=type(exc).__name__).model_dump(), 503)
-    if not is_current(services.db):
+    if not services.schema.state().is_current:
         body = Health(status="unavailable", database="ok", migrations="behind: run `ktizo db upgrade`")
         return JSONResponse(body.model_dump(), 503)
     return JSONResponse(Health(status="ready", database="ok", migrations="current").model_dump())

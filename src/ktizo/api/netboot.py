@@ -14,8 +14,9 @@ from ktizo.api.errors import responses
 from ktizo.api.schemas import ApproveIn, DeviceOut, MacAddress
 from ktizo.domain.errors import ValidationFailed
 from ktizo.domain.identity import normalize_ip
+from ktizo.services.device_flow import OAuthError
 from ktizo.services.devices import DeviceChanges
-from ktizo.services.netboot import OAuthError, parse_boot_facts
+from ktizo.services.ipxe import parse_boot_facts
 
 router = APIRouter(tags=["boot"])
 IPXE = "text/plain"  # iPXE reads scripts by their #!ipxe line, whatever the type
@@ -33,7 +34,7 @@ def base_url(request: Request) -> str:
 @router.get("/boot.ipxe", response_class=PlainTextResponse, responses=_IPXE_200)
 def boot_ipxe(request: Request, services: ServicesDep) -> PlainTextResponse:
     """The static entry point DHCP hands to iPXE; it chains to the per-machine script with what iPXE knows."""
-    return PlainTextResponse(services.netboot.entry_script(base_url(request)))
+    return PlainTextResponse(services.ipxe.entry_script(base_url(request)))
 
 
 @router.get("/api/v1/boot/ipxe", response_class=PlainTextResponse, responses=_IPXE_200)
@@ -49,7 +50,7 @@ def machine_ipxe(request: Request, services: ServicesDep) -> PlainTextResponse:
         return PlainTextResponse(
             f"#!ipxe\necho Ktizo could not read this machine's {what}; booting the next device.\nsleep 10\nexit 1\n"
         )
-    return PlainTextResponse(services.netboot.machine_script(facts, base_url(request), client_ip(request)))
+    return PlainTextResponse(services.ipxe.machine_script(facts, base_url(request), client_ip(request)))
 
 
 class DhcpEvent(BaseModel):
@@ -70,9 +71,9 @@ def dhcp_event(body: DhcpEvent, request: Request, services: ServicesDep) -> Dhcp
     """What dnsmasq's dhcp-script reports (through `ktizo pxe dhcp-event`), with the local hook's token."""
     auth = request.headers.get("authorization", "")
     scheme, _, token = auth.partition(" ")
-    services.netboot.check_dhcp_token(token if scheme.lower() == "bearer" else None)
+    services.dhcp.check_token(token if scheme.lower() == "bearer" else None)
     ip = normalize_ip(body.ip, "ip")
-    return DhcpResult(result=services.netboot.dhcp_event(body.action, body.mac, ip, body.hostname))
+    return DhcpResult(result=services.dhcp.event(body.action, body.mac, ip, body.hostname))
 
 
 def _oauth_error(exc: OAuthError) -> JSONResponse:
@@ -127,7 +128,7 @@ async def device_code(request: Request, services: ServicesDep) -> JSONResponse:
     talos.config URL's with /device/code). The machine is registered as pending; its console shows the code."""
     form = await _form(request)
     try:
-        out = await run_in_threadpool(services.netboot.start_device_flow, form, base_url(request), client_ip(request))
+        out = await run_in_threadpool(services.device_flow.start, form, base_url(request), client_ip(request))
     except OAuthError as exc:
         return _oauth_error(exc)
     return JSONResponse(out, headers={"Cache-Control": "no-store"})
@@ -144,7 +145,7 @@ async def token(request: Request, services: ServicesDep) -> JSONResponse:
     the config download then requires for this machine."""
     form = await _form(request)
     try:
-        out = await run_in_threadpool(services.netboot.poll_token, form)
+        out = await run_in_threadpool(services.device_flow.poll, form)
     except OAuthError as exc:
         return _oauth_error(exc)
     return JSONResponse(out, headers={"Cache-Control": "no-store"})
@@ -153,7 +154,7 @@ async def token(request: Request, services: ServicesDep) -> JSONResponse:
 @router.get("/api/v1/device-codes/{user_code}", response_model=DeviceOut, responses=responses(401, 403, 404))
 def lookup_code(user_code: UserCode, services: ServicesDep, actor: Operator) -> DeviceOut:
     """Which machine shows this console code (wrong codes count towards a lockout)."""
-    return DeviceOut.model_validate(services.netboot.lookup_code(actor, user_code))
+    return DeviceOut.of(services.console_codes.lookup(actor, user_code), actor)
 
 
 @router.post(
@@ -171,7 +172,8 @@ def approve_code(
     changes = DeviceChanges(**values)
     if changes.notes is None:
         changes.notes = ""
-    return DeviceOut.model_validate(services.netboot.approve_code(actor, user_code, changes))
+    device = services.console_codes.approve(actor, user_code, changes)
+    return DeviceOut.of(device, actor, services.devices.warnings(device))
 
 
 class InstalledIn(BaseModel):
@@ -185,4 +187,4 @@ def set_installed(
     device_id: Annotated[int, Path(ge=1, le=2**31 - 1)], body: InstalledIn, services: ServicesDep, actor: Operator
 ) -> DeviceOut:
     """Mark Talos installed (iPXE then boots the local disk) or not (the next netboot reinstalls)."""
-    return DeviceOut.model_validate(services.devices.set_installed(actor, device_id, body.installed))
+    return DeviceOut.of(services.devices.set_installed(actor, device_id, body.installed), actor)

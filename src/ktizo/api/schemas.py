@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from ktizo.domain.devices import DeviceStatus, Role
+from ktizo.domain.devices import DeviceStatus, MachineKind, Role
 from ktizo.domain.errors import ValidationFailed
 from ktizo.domain.identity import (
     normalize_hostname,
@@ -18,6 +18,8 @@ from ktizo.domain.identity import (
     normalize_uuid,
 )
 from ktizo.domain.users import UserRole
+from ktizo.services.context import Actor
+from ktizo.talos import redact_patch
 
 
 def _pydantic(fn: Callable[[str], str]) -> Callable[[str], str]:
@@ -66,10 +68,12 @@ class DeviceOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
     id: int
+    kind: MachineKind
+    machine_id: str | None
     mac_address: str | None
     hostname: str | None
     ip_address: str | None
-    role: Role
+    role: Role | None  # None for agent hosts
     status: DeviceStatus
     notes: str
     first_seen: dt.datetime
@@ -91,6 +95,18 @@ class DeviceOut(BaseModel):
     lease_ip: str | None
     installed_at: dt.datetime | None
     revision: int
+    warnings: list[str] = Field(
+        default_factory=list, description="What stands in the way of the machine working as approved (set by changes)"
+    )
+
+    @classmethod
+    def of(cls, device: Any, actor: Actor, warnings: list[str] | None = None) -> DeviceOut:
+        """The device as ``actor`` may see it: a patch (it may hold secrets) redacted for everyone below admin."""
+        out = cls.model_validate(device)
+        if out.patch and actor.role is not UserRole.ADMIN:
+            out.patch = redact_patch(out.patch)
+        out.warnings = warnings or []
+        return out
 
 
 class DeviceCreate(_In):
@@ -154,6 +170,7 @@ class AuditOut(BaseModel):
     device_mac: str | None
     source_ip: str | None
     details: dict[str, Any]
+    count: int = Field(1, description="How many times this refusal happened within its minute (repeats are counted)")
 
 
 class AuditPage(BaseModel):

@@ -6,18 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
-from starlette.concurrency import run_in_threadpool
+from pydantic import BaseModel
+from starlette.types import Receive, Scope, Send
 
 from ktizo.api.deps import ServicesDep, client_ip
 from ktizo.api.errors import ErrorOut, error_body, status_for
-from ktizo.api.schemas import DeviceOut, MacIn
+from ktizo.api.schemas import MacIn
 from ktizo.domain.devices import DeviceStatus
-from ktizo.domain.errors import KtizoError, TooManyAttempts, ValidationFailed
+from ktizo.domain.errors import KtizoError, ValidationFailed
 from ktizo.domain.identity import (
     is_placeholder,
     normalize_hostname,
@@ -25,7 +26,8 @@ from ktizo.domain.identity import (
     normalize_serial,
     normalize_uuid,
 )
-from ktizo.services.boot import Answer, Claim, NotApproved
+from ktizo.http.errors import retry_after
+from ktizo.services.boot import Claim
 from ktizo.services.registry import Services
 
 router = APIRouter(prefix="/api/v1", tags=["boot"])
@@ -58,7 +60,10 @@ def _lenient_hostname(value: str | None) -> str | None:
     responses={
         200: _YAML_200,
         400: _text_error("The request names no machine, or names it in a malformed way"),
-        403: _text_error("Device not approved. Current status: pending (or rejected), or an identity mismatch"),
+        403: _text_error(
+            "Device not approved. Current status: pending (or rejected); or its identity is not proven (the same "
+            "answer whichever factor did not match)"
+        ),
         429: _text_error("Too many new machines from this address in the last minute; retry after Retry-After"),
         503: _text_error("No base configuration for the device's role yet"),
     },
@@ -74,8 +79,15 @@ async def download_config_get(
     """What real Talos calls: `talos.config=http://ktizo:8000/api/v1/config/download?mac=${mac}&uuid=${uuid}&serial=${serial}`.
 
     Unknown machines are registered as pending. Until approved the answer is 403 (Talos retries with backoff);
-    once approved it is the role's base config customized for the device."""
+    a pending machine's request is held open until it is approved (``KTIZO_LONG_POLL_SECONDS``). Once approved
+    the answer is the role's base config customized for the device."""
     started = time.perf_counter()
+
+    def refused(exc: KtizoError) -> Response:
+        status = status_for(exc)
+        headers = _timing(started) | retry_after(exc)
+        return PlainTextResponse(str(exc) + "\n", status_code=400 if status == 422 else status, headers=headers)
+
     try:
         claim = Claim(
             mac=_optional(mac, normalize_mac, "mac"),
@@ -85,50 +97,9 @@ async def download_config_get(
             source_ip=client_ip(request),
             authorization=request.headers.get("authorization"),
         )
-        # Every machine of a boot storm comes through here. Where reads never block (SQLite in WAL mode) the
-        # answer is decided on the event loop; the writes it implies are group-committed by the database's writer.
-        if services.db.nonblocking_reads:
-            answer = services.boot.answer(claim)
-        else:
-            answer = await run_in_threadpool(services.boot.answer, claim)
-        if answer.followup is not None:
-            await asyncio.wrap_future(services.db.submit(answer.followup))
-        answer = await _hold_until_decided(request, services, claim, answer)
-        body = answer.result()
     except KtizoError as exc:
-        status = status_for(exc)
-        return PlainTextResponse(
-            str(exc) + "\n", status_code=400 if status == 422 else status, headers=_timing(started) | _retry(exc)
-        )
-    return Response(body, media_type=YAML, headers=_timing(started))
-
-
-async def _hold_until_decided(request: Request, services: Services, claim: Claim, answer: Answer) -> Answer:
-    """Long poll: hold a pending device's request open (KTIZO_LONG_POLL_SECONDS, well inside Talos's 3-minute
-    attempt timeout) and answer the moment it is approved, so Talos's exponential backoff never delays a
-    machine an operator has just approved."""
-    timeout: float = request.app.state.settings.long_poll_seconds
-    if timeout <= 0 or not isinstance(answer.error, NotApproved) or answer.error.status is not DeviceStatus.PENDING:
-        return answer
-    if answer.device_id is None:  # first contact: the row exists now, look again for its id
-        answer = await run_in_threadpool(services.boot.answer, claim)
-        if answer.device_id is None:
-            return answer
-    if not await services.watcher.wait(answer.device_id, timeout):
-        return answer
-    decided = await run_in_threadpool(services.boot.answer, claim)
-    if decided.followup is not None:
-        await asyncio.wrap_future(services.db.submit(decided.followup))
-    return decided
-
-
-def _retry(exc: KtizoError) -> dict[str, str]:
-    return {"Retry-After": str(exc.retry_after)} if isinstance(exc, TooManyAttempts) else {}
-
-
-def _timing(started: float) -> dict[str, str]:
-    # The boot path's own cost, for benchmarks and operators' load balancers (RFC: W3C Server-Timing).
-    return {"Server-Timing": f"app;dur={(time.perf_counter() - started) * 1e3:.3f}"}
+        return refused(exc)
+    return await _download(request, services, claim, refused, lambda: _timing(started))
 
 
 @router.post(
@@ -136,33 +107,99 @@ def _timing(started: float) -> dict[str, str]:
     response_class=Response,
     responses={
         200: _YAML_200,
-        403: {"model": ErrorOut, "description": "Device not approved"},
+        403: {"model": ErrorOut, "description": "Device not approved, or its identity not proven"},
         429: {"model": ErrorOut, "description": "Too many new machines from this address; retry later"},
         503: {"model": ErrorOut, "description": "No base configuration for the role yet"},
     },
 )
-def download_config_post(body: MacIn, request: Request, services: ServicesDep) -> Response:
-    """The seed's form: `{"mac_address": "00:11:22:33:44:55"}`. Same rules as the GET."""
+async def download_config_post(body: MacIn, request: Request, services: ServicesDep) -> Response:
+    """The seed's form: `{"mac_address": "00:11:22:33:44:55"}`. Same rules as the GET, long poll included."""
+
+    def refused(exc: KtizoError) -> Response:
+        return JSONResponse(error_body(exc), status_code=status_for(exc), headers=retry_after(exc))
+
+    claim = Claim(mac=body.mac_address, source_ip=client_ip(request))
+    return await _download(request, services, claim, refused, dict)
+
+
+async def _download(
+    request: Request,
+    services: Services,
+    claim: Claim,
+    refused: Callable[[KtizoError], Response],
+    headers: Callable[[], dict[str, str]],
+) -> Response:
+    """The one config-download use case behind both forms; this adapter adds only the answer's shape and the
+    client's hang-up (which ends a long poll at once and means the config was never delivered)."""
+    gone = asyncio.Event()
+    listener = asyncio.create_task(_until_disconnect(request, gone))
     try:
-        config = services.boot.fetch_config(Claim(mac=body.mac_address, source_ip=client_ip(request)))
+        answer = await services.download.request(claim, gone)
+        body = answer.result()
     except KtizoError as exc:
-        return JSONResponse(error_body(exc), status_code=status_for(exc), headers=_retry(exc))
-    return Response(config, media_type=YAML)
+        listener.cancel()
+        return refused(exc)
+    return _Delivering(body, headers(), gone, listener, lambda: services.download.delivered(answer, gone))
+
+
+async def _until_disconnect(request: Request, gone: asyncio.Event) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    gone.set()
+
+
+class _Delivering(Response):
+    """A config response that records its delivery after it was handed to a connection that was still open.
+
+    Whether the client got the bytes nobody can know short of an answer from it; a client that had hung up
+    before the response went out (a held request abandoned, a scanner) is what this tells apart."""
+
+    def __init__(
+        self,
+        content: bytes,
+        headers: dict[str, str],
+        gone: asyncio.Event,
+        listener: asyncio.Task[None],
+        delivered: Callable[[], Awaitable[None]],
+    ) -> None:
+        super().__init__(content, media_type=YAML, headers=headers)
+        self._gone, self._listener, self._delivered = gone, listener, delivered
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await asyncio.sleep(0)  # a hang-up the server has already seen reaches ``gone`` first
+        # After the response completes the server reports every connection as gone: decide before sending.
+        open_before = not self._gone.is_set()
+        self._listener.cancel()
+        if open_before:
+            await super().__call__(scope, receive, send)
+            await self._delivered()
+
+
+def _timing(started: float) -> dict[str, str]:
+    # The boot path's own cost, for benchmarks and operators' load balancers (RFC: W3C Server-Timing).
+    return {"Server-Timing": f"app;dur={(time.perf_counter() - started) * 1e3:.3f}"}
+
+
+class RegisterOut(BaseModel):
+    """All an unauthenticated caller learns: the MAC it named and the machine's state."""
+
+    mac_address: str
+    status: DeviceStatus
 
 
 @router.post(
     "/devices/register",
-    response_model=DeviceOut,
+    response_model=RegisterOut,
     responses={
-        200: {"model": DeviceOut, "description": "Already known; nothing changed but last_seen"},
-        201: {"model": DeviceOut, "description": "Registered as pending"},
+        200: {"model": RegisterOut, "description": "Already known; nothing changed but last_seen"},
+        201: {"model": RegisterOut, "description": "Registered as pending"},
         429: {"model": ErrorOut, "description": "Too many new machines from this address; retry later"},
     },
     status_code=201,
 )
-def register_device(body: MacIn, request: Request, response: Response, services: ServicesDep) -> DeviceOut:
+def register_device(body: MacIn, request: Request, response: Response, services: ServicesDep) -> RegisterOut:
     """Explicit registration by MAC (the seed's optional first step). The device waits as pending."""
     device, created = services.devices.register(body.mac_address, client_ip(request))
     if not created:
         response.status_code = 200
-    return DeviceOut.model_validate(device)
+    return RegisterOut(mac_address=body.mac_address, status=DeviceStatus(device.status))

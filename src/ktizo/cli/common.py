@@ -5,21 +5,20 @@ from __future__ import annotations
 import enum
 import functools
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import typer
-from alembic.script import ScriptDirectory
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
 
 from ktizo.app import build_services
-from ktizo.db.migrate import alembic_config, current_revision, head_revision
-from ktizo.db.models import Device
 from ktizo.domain.errors import KtizoError, NotFound, ValidationFailed
+from ktizo.services.records import Device
 from ktizo.services.registry import Services
+from ktizo.services.schema import display_url, sqlite_file
+from ktizo.services.transactions import transaction
 from ktizo.settings import Settings
 
 P = ParamSpec("P")
@@ -30,6 +29,16 @@ GLOBAL_OPTIONS_HINT = (
     "--data-dir and --database-url go before the command (`ktizo --data-dir DIR devices list`), "
     "or set KTIZO_DATA_DIR / KTIZO_DATABASE_URL"
 )
+# Everything a terminal could take as a command (escape sequences, carriage returns, bells) that a machine or an
+# operator may have put into a stored text; newlines and tabs stay where a command prints several lines itself.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def safe(value: Any, *, newlines: bool = False) -> str:
+    """``value`` as text fit for a terminal: control characters shown escaped (``\\x1b``), never interpreted."""
+    text = "" if value is None else str(value)
+    text = _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+    return text if newlines else text.replace("\n", "\\n").replace("\t", "\\t")
 
 
 class State:
@@ -51,24 +60,21 @@ class State:
         return self._services
 
 
+def make_private_dir(path: Path) -> None:
+    """The data directory holds the database (and with it, unless sealed, the cluster's secrets): only its owner
+    may enter it."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
 def shown_url(url: str) -> str:
     """A database URL fit for a terminal: without its password."""
-    return make_url(url).render_as_string(hide_password=True)
-
-
-def _sqlite_path(url: str) -> Path | None:
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
-        return None
-    if parsed.database.startswith("file:"):  # a URI filename: leave it to SQLite
-        return None
-    return Path(parsed.database)
+    return display_url(url)
 
 
 def _require_database_file(settings: Settings) -> None:
     # Opening a missing SQLite file creates it (and its directory): run from the wrong directory, a command
     # would make an empty second database and then report it as merely behind on migrations.
-    path = _sqlite_path(settings.effective_database_url)
+    path = sqlite_file(settings.effective_database_url)
     if path is None or path.is_file():
         return
     where = f"data directory {settings.data_dir}" if not settings.database_url else "KTIZO_DATABASE_URL"
@@ -83,22 +89,23 @@ def _require_database_file(settings: Settings) -> None:
 def _require_current_schema(services: Services) -> None:
     url = shown_url(services.db.url)
     try:
-        current = current_revision(services.db)
-    except SQLAlchemyError as exc:
-        fail(f"cannot read the database at {url}: {getattr(exc, 'orig', None) or exc}")
+        schema = services.schema.state()
+    except KtizoError as exc:
+        fail(exc.message)
         return
-    head = head_revision()
-    if current == head:
+    if schema.is_current:
         return
-    if current is None:
+    if schema.current is None:
         fail(f"the database at {url} has no Ktizo schema yet: run `ktizo db upgrade` (or start `ktizo serve`)")
         return
-    known = {script.revision for script in ScriptDirectory.from_config(alembic_config(services.db)).walk_revisions()}
-    if current in known:
-        fail(f"the database at {url} is at revision {current}, this Ktizo needs {head}: run `ktizo db upgrade`")
+    if schema.known:
+        fail(
+            f"the database at {url} is at revision {schema.current}, this Ktizo needs {schema.head}: "
+            "run `ktizo db upgrade`"
+        )
         return
     fail(
-        f"the database at {url} is at revision {current}, which this Ktizo (at {head}) does not know: "
+        f"the database at {url} is at revision {schema.current}, which this Ktizo (at {schema.head}) does not know: "
         "a newer Ktizo upgraded it; use that version"
     )
 
@@ -120,16 +127,33 @@ def warn(message: str) -> None:
 
 
 def reports_errors(fn: Callable[P, R]) -> Callable[P, R]:
-    """Turn domain errors into one readable line and a non-zero exit code (2 for bad input)."""
+    """One transaction for the whole command (all it changes lands, or none of it), and domain errors as one
+    readable line with a non-zero exit code (2 for bad input)."""
+    return _reporting(fn, one_transaction=True)
 
+
+def reports_errors_without_transaction(fn: Callable[P, R]) -> Callable[P, R]:
+    """For the commands that run for a long time (``serve``, ``pxe run``): each of their steps commits itself."""
+    return _reporting(fn, one_transaction=False)
+
+
+def _reporting(fn: Callable[P, R], *, one_transaction: bool) -> Callable[P, R]:
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
-            return fn(*args, **kwargs)
+            if not one_transaction:
+                return fn(*args, **kwargs)
+            with transaction() as tx:
+                try:
+                    return fn(*args, **kwargs)
+                except typer.Exit as exc:
+                    if not exc.exit_code:  # a command that ends early on purpose keeps what it did
+                        tx.commit()
+                    raise
         except ValidationFailed as exc:
-            fail(str(exc), 2)
+            fail(safe(exc), 2)
         except KtizoError as exc:
-            fail(exc.message)
+            fail(safe(exc.message))
         raise AssertionError("unreachable")
 
     return wrapper
@@ -162,11 +186,12 @@ def choices(enum_type: type[E], metavar: str | None = None) -> dict[str, Any]:
 
 
 def print_json(data: Any) -> None:
+    # json.dumps escapes every control character, so stored text cannot reach the terminal as one.
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    cells = [[("" if v is None else str(v)) for v in row] for row in rows]
+    cells = [[("" if v is None else safe(v)) for v in row] for row in rows]
     widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
     typer.echo("  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
     for row in cells:

@@ -8,12 +8,12 @@ from typing import Annotated, Any
 import typer
 
 from ktizo.cli.common import choices, fail, print_json, print_table, reports_errors, resolve_device, state, warn
-from ktizo.db.models import Device
 from ktizo.domain.devices import DeviceStatus, Role
 from ktizo.domain.errors import InvalidTransition
 from ktizo.domain.identity import normalize_hostname, normalize_interface_address
 from ktizo.services.context import Actor
 from ktizo.services.devices import DeviceChanges, DeviceQuery
+from ktizo.services.records import Device
 from ktizo.services.registry import Services
 from ktizo.services.render import GroupSpec
 
@@ -93,8 +93,10 @@ def approval_changes(hostname: str | None, ip: str | None, role: Role | None, no
     return changes
 
 
-def warn_without_base(services: Services, role: str) -> None:
+def warn_without_base(services: Services, role: str | None) -> None:
     """Approval succeeds without a base config for the role, but the machine then gets 503 until there is one."""
+    if role is None:  # an agent host gets a certificate, not a Talos config
+        return
     if not services.cluster.base_status().get(role, {}).get("present", False):
         warn(
             f"there is no {role} base config yet: the machine gets 503 until you run `ktizo cluster generate` "
@@ -331,7 +333,7 @@ def approve_code(
     The OAuth device flow (KTIZO_OAUTH_ENABLED): the machine boots within seconds."""
     services = state(ctx).services()
     changes = approval_changes(hostname, ip, role, notes)
-    device = services.netboot.approve_code(Actor.cli(), code, changes)
+    device = services.console_codes.approve(Actor.cli(), code, changes)
     typer.echo(f"approved device {device.id} ({device.mac_address}) for console code {code.upper()}")
     warn_without_base(services, device.role)
 

@@ -13,8 +13,15 @@ from typer.core import TyperGroup
 
 from ktizo import __version__
 from ktizo.cli import assets, cluster, devices, groups, pxe, secrets, users
-from ktizo.cli.common import GLOBAL_OPTIONS_HINT, State, reports_errors, shown_url, state
-from ktizo.db.migrate import upgrade
+from ktizo.cli.common import (
+    GLOBAL_OPTIONS_HINT,
+    State,
+    make_private_dir,
+    reports_errors_without_transaction,
+    shown_url,
+    state,
+    warn,
+)
 from ktizo.settings import Settings
 
 # The base of the errors Typer shows itself (usage errors, bad option values), in whichever click it runs on:
@@ -124,7 +131,7 @@ def root(
 
 
 @app.command()
-@reports_errors
+@reports_errors_without_transaction
 def serve(
     ctx: typer.Context,
     host: Annotated[str | None, typer.Option(help="Address to listen on [default: 0.0.0.0]")] = None,
@@ -134,9 +141,9 @@ def serve(
     """Run the Ktizo server.
 
     It upgrades the database first, and on first start creates the user `admin`."""
-    import uvicorn
-
-    from ktizo.app import create_app
+    from ktizo.app.server import connection_limit, raise_file_limit
+    from ktizo.app.server import serve as run_server
+    from ktizo.app.wiring import build_services
 
     st = state(ctx)
     updates: dict[str, object] = {}
@@ -147,13 +154,16 @@ def serve(
     if data_dir:
         updates["data_dir"] = data_dir.expanduser().resolve()
     settings = st.settings = st.settings.model_copy(update=updates)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    settings.base_templates_dir.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    make_private_dir(settings.data_dir)
+    settings.base_templates_dir.mkdir(parents=True, exist_ok=True)
 
-    services = st.services(need_schema=False)
+    max_connections = connection_limit(settings, raise_file_limit())
+    services = build_services(settings, max_connections=max_connections)
     typer.echo(f"Database: {shown_url(services.db.url)}  (upgrading schema…)")
-    upgrade(services.db)
+    services.schema.upgrade()
+    for problem in services.db.exposure():
+        warn(problem)
     password = services.users.ensure_admin()
     url_host = "localhost" if settings.host in ("0.0.0.0", "::") else settings.host  # noqa: S104
     local = f"http://{url_host}:{settings.port}"
@@ -181,25 +191,28 @@ def serve(
         typer.echo(f"Talos machines: talos.config={local}{download}")
     typer.echo(f"Web UI: {local}/ui")
     typer.echo(f"API docs: {local}/docs")
-    uvicorn.run(
-        create_app(settings, services),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        access_log=settings.access_log,
-        proxy_headers=False,
-        # Long-polled config requests would otherwise hold a shutdown for up to KTIZO_LONG_POLL_SECONDS.
-        timeout_graceful_shutdown=5,
-    )
+    typer.echo(f"Serving at most {max_connections} connections at once; more get 503.")
+    run_server(settings, services, max_connections)
 
 
 @db_app.command("upgrade")
-@reports_errors
+@reports_errors_without_transaction
 def db_upgrade(ctx: typer.Context) -> None:
     """Create or upgrade the database schema to this release."""
-    services = state(ctx).services(need_schema=False)
-    upgrade(services.db)
-    typer.echo(f"database at {shown_url(services.db.url)} is up to date")
+    st = state(ctx)
+    if st.settings.database_url is None:
+        make_private_dir(st.settings.data_dir)
+    services = st.services(need_schema=False)
+    url = shown_url(services.db.url)
+    before, after = services.schema.upgrade()
+    if before is None:
+        typer.echo(f"created the database at {url} (schema {after})")
+    elif before == after:
+        typer.echo(f"database at {url} is up to date (schema {after})")
+    else:
+        typer.echo(f"upgraded the database at {url} from schema {before} to {after}")
+    for problem in services.db.exposure():
+        warn(problem)
 
 
 def main() -> None:

@@ -202,7 +202,7 @@ def run(
         typer.echo("note: --ipv6-ra needs an IPv6 prefix on the interface (e.g. a ULA fd00::/8 address)", err=True)
     token_file = pxe_dir / "dhcp-token"
     # Only whoever can read this file (root) can report DHCP events: the server keeps the token's hash.
-    services.netboot.issue_dhcp_token(token_file)
+    services.dhcp.issue_token(token_file)
     assert cfg.dhcp_script is not None
     _write(
         cfg.dhcp_script,

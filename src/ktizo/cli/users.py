@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import sys
 from typing import Annotated
 
 import typer
 
 from ktizo.cli.common import choices, print_json, print_table, reports_errors, state
-from ktizo.db.models import AuditEvent
 from ktizo.domain.bounds import parse_id
 from ktizo.domain.errors import NotFound
 from ktizo.domain.identity import normalize_mac
 from ktizo.domain.users import UserRole
-from ktizo.services.audit import AuditQuery
+from ktizo.services.audit import AuditEntry, AuditQuery
 from ktizo.services.context import Actor
 from ktizo.services.registry import Services
 
@@ -137,6 +137,7 @@ def list_audit(
                         "device_mac",
                         "source_ip",
                         "details",
+                        "count",
                     )
                 }
                 for r in rows
@@ -152,10 +153,10 @@ def list_audit(
             (
                 r.at.strftime("%Y-%m-%d %H:%M:%S"),
                 r.actor,
-                r.action,
+                r.action + (f" (x{r.count})" if r.count > 1 else ""),
                 r.device_mac or r.device_id,
                 r.source_ip,
-                r.details or "",
+                json.dumps(r.details, sort_keys=True, default=str) if r.details else "",
             )
             for r in rows
         ],
@@ -170,7 +171,7 @@ _REMOVALS = ("delete", "expire")
 
 def _device_events(
     services: Services, ref: str, actor: str | None, action: str | None, limit: int
-) -> tuple[list[AuditEvent], int]:
+) -> tuple[list[AuditEntry], int]:
     """Events of the device ``ref`` names: an id directly (its row may be gone), or a MAC, which covers every device
     that had it, deleted ones included (deleted and seen again, a machine is a new device with a new id)."""
     ref = ref.strip()
@@ -194,7 +195,7 @@ def _device_events(
                 break
     if not ids:
         raise NotFound(f"no device with MAC {mac}, now or deleted (`ktizo devices list` shows the devices Ktizo knows)")
-    rows: list[AuditEvent] = []
+    rows: list[AuditEntry] = []
     count = 0
     for device_id in ids:
         found, total = services.audit.list(AuditQuery(device_id=device_id, actor=actor, action=action, limit=limit))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -180,6 +181,17 @@ def _sqlite_engine(url: str, *, immediate: bool, pool_size: int) -> Engine:
     return engine
 
 
+def _create_private(path: Path) -> None:
+    """Create the SQLite file (and its directory) readable by its owner only, before SQLite creates it with the
+    umask's mode; SQLite gives its -wal and -shm files the database file's permissions."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    os.close(fd)
+
+
 class Database:
     """Owns the engines. On SQLite writes go through one connection (SQLite has one writer anyway, and
     queueing in the pool is fairer than spinning on the busy lock); on PostgreSQL reads and writes share a pool."""
@@ -188,9 +200,11 @@ class Database:
         self.url = url
         parsed = make_url(url)
         self.dialect = parsed.get_backend_name()
+        self.path: Path | None = None
         if self.dialect == "sqlite":
-            if parsed.database and parsed.database != ":memory:":
-                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            if parsed.database and parsed.database != ":memory:" and not parsed.database.startswith("file:"):
+                self.path = Path(parsed.database)
+                _create_private(self.path)
             self.read_engine = _sqlite_engine(url, immediate=False, pool_size=8)
             self.write_engine = _sqlite_engine(url, immediate=True, pool_size=1)
         else:
@@ -240,6 +254,26 @@ class Database:
             # The writer needs the one write connection this transaction holds (SQLite): it would wait forever.
             raise RuntimeError("group commit from inside a transaction that has written")
         return self._writer.submit(work)
+
+    def exposure(self) -> list[str]:
+        """What makes the database readable by other users of this machine (it holds the cluster's secrets unless
+        they are sealed): a directory or a file wider than owner-only. Empty when all is well, or for PostgreSQL."""
+        if self.path is None:
+            return []
+        problems = []
+        for path in (self.path.parent, *(self.path.with_name(self.path.name + s) for s in ("", "-wal", "-shm"))):
+            try:
+                mode = path.stat().st_mode & 0o777
+            except FileNotFoundError:
+                continue
+            if mode & 0o077:
+                kind = "directory" if path.is_dir() else "file"
+                want = "700" if path.is_dir() else "600"
+                problems.append(
+                    f"the database {kind} {path} is mode {mode:o}, readable by other users of this machine: "
+                    f"chmod {want} {path}"
+                )
+        return problems
 
     def ping(self) -> None:
         with self.read_engine.connect() as conn:

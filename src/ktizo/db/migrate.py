@@ -38,3 +38,9 @@ def current_revision(db: Database) -> str | None:
 
 def is_current(db: Database) -> bool:
     return current_revision(db) == head_revision()
+
+
+def known_revisions() -> set[str]:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(_MIGRATIONS))
+    return {script.revision for script in ScriptDirectory.from_config(cfg).walk_revisions()}

@@ -15,9 +15,10 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    UniqueConstraint,
     text,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, validates
 
 from ktizo.db.types import UTCDateTime, utcnow
 
@@ -35,12 +36,37 @@ class Base(DeclarativeBase):
 
 
 class Device(Base):
-    """A machine at the door. Identity columns are all optional so that agents (machine-id) fit later."""
+    """A machine at the door: a Talos machine (known by MAC, bound to its SMBIOS UUID and serial) or an agent host
+    (known by its machine-id). One registry, one state machine, one audit log for both.
+
+    Two approved machines never share a hostname or a static address: partial unique indexes over approved rows,
+    on ``hostname`` (always stored lower-cased) and ``static_ip`` (``ip_address`` without its prefix, kept in step
+    by the validators below; the Core statements of the boot path never write either column)."""
 
     __tablename__ = "devices"
     __table_args__ = (
         CheckConstraint("status IN ('pending', 'approved', 'rejected')", name="status"),
         CheckConstraint("role IN ('controlplane', 'worker')", name="role"),
+        CheckConstraint("kind IN ('talos', 'agent')", name="kind"),
+        CheckConstraint(
+            "(kind = 'talos' AND role IS NOT NULL) OR (kind = 'agent' AND role IS NULL AND machine_id IS NOT NULL)",
+            name="kind_fields",
+        ),
+        Index("ix_devices_first_ip_first_seen", "first_ip", "first_seen"),
+        Index(
+            "uq_devices_approved_hostname",
+            "hostname",
+            unique=True,
+            sqlite_where=text("status = 'approved' AND hostname IS NOT NULL"),
+            postgresql_where=text("status = 'approved' AND hostname IS NOT NULL"),
+        ),
+        Index(
+            "uq_devices_approved_address",
+            "static_ip",
+            unique=True,
+            sqlite_where=text("status = 'approved' AND static_ip IS NOT NULL"),
+            postgresql_where=text("status = 'approved' AND static_ip IS NOT NULL"),
+        ),
         # A machine known only by its SMBIOS UUID must not be created twice by concurrent first contacts.
         Index(
             "uq_devices_uuid_without_mac",
@@ -55,12 +81,15 @@ class Device(Base):
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), default="talos", server_default="talos")
+    machine_id: Mapped[str | None] = mapped_column(String(64), unique=True)  # agents: /etc/machine-id
     mac_address: Mapped[str | None] = mapped_column(String(17), unique=True)
     uuid: Mapped[str | None] = mapped_column(String(36), index=True)
     serial: Mapped[str | None] = mapped_column(String(128), index=True)
     hostname: Mapped[str | None] = mapped_column(String(253), index=True)
     ip_address: Mapped[str | None] = mapped_column(String(64))
-    role: Mapped[str] = mapped_column(String(16), default="worker", server_default="worker")
+    static_ip: Mapped[str | None] = mapped_column(String(45))  # ip_address without the prefix, for uniqueness
+    role: Mapped[str | None] = mapped_column(String(16), default="worker")  # Talos machines only
     status: Mapped[str] = mapped_column(String(16), default="pending", server_default="pending", index=True)
     notes: Mapped[str] = mapped_column(Text, default="", server_default="")
     source: Mapped[str] = mapped_column(String(16), default="manual", server_default="manual")
@@ -69,6 +98,7 @@ class Device(Base):
     first_seen: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
     last_seen: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     last_ip: Mapped[str | None] = mapped_column(String(45))
+    first_ip: Mapped[str | None] = mapped_column(String(45))  # never changes: the new-machine budget counts it
     approved_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     approved_by: Mapped[str | None] = mapped_column(String(64))
     rejected_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
@@ -84,6 +114,15 @@ class Device(Base):
     )  # [{mac, addresses: [...]}]
     # Bumped by every change that alters what the device is served; rendered configs are cached per revision.
     revision: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+
+    @validates("hostname")
+    def _lower_hostname(self, _key: str, value: str | None) -> str | None:
+        return value.lower() if value else value
+
+    @validates("ip_address")
+    def _derive_static_ip(self, _key: str, value: str | None) -> str | None:
+        self.static_ip = value.split("/")[0] if value else None
+        return value
 
 
 class User(Base):
@@ -135,6 +174,41 @@ class AuditEvent(Base):
     device_mac: Mapped[str | None] = mapped_column(String(17))
     source_ip: Mapped[str | None] = mapped_column(String(45))
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # A refusal repeated within a minute is one audit row; the count of repeats is kept in ``refusals``.
+    refusal_id: Mapped[int | None] = mapped_column(Integer)
+
+
+class Refusal(Base):
+    """Repeated refusals (failed sign-ins, identity mismatches, wrong console codes, console-code requests) counted
+    per subject, source address and minute: an attacker hammering a door makes one row a minute, not thousands, and
+    the throttles sum these counts (in the database, so every replica agrees)."""
+
+    __tablename__ = "refusals"
+    __table_args__ = (
+        UniqueConstraint("action", "subject", "source_ip", "minute", name="uq_refusals_action_subject_minute"),
+        Index("ix_refusals_action_source_minute", "action", "source_ip", "minute"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    action: Mapped[str] = mapped_column(String(32))
+    subject: Mapped[str] = mapped_column(String(200))
+    source_ip: Mapped[str] = mapped_column(String(45), default="", server_default="")
+    minute: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
+    count: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    first_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    last_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    device_id: Mapped[int | None] = mapped_column(Integer)
+
+
+class AuditRetention(Base):
+    """One row: audit rows older than ``prune_before`` may be deleted (the triggers refuse every other DELETE);
+    only the retention job moves it (``KTIZO_AUDIT_RETENTION_DAYS``)."""
+
+    __tablename__ = "audit_retention"
+    __table_args__ = (CheckConstraint("id = 1", name="one_row"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    prune_before: Mapped[dt.datetime] = mapped_column(UTCDateTime)
 
 
 class ConfigState(Base):
@@ -142,6 +216,7 @@ class ConfigState(Base):
     base configs, secrets, groups). Every replica compares it on the boot path to know when to reload."""
 
     __tablename__ = "config_state"
+    __table_args__ = (CheckConstraint("id = 1", name="one_row"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     revision: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
@@ -151,6 +226,7 @@ class ClusterSettings(Base):
     """The cluster's parameters (one row, id 1): what ``generate`` turns into base configs."""
 
     __tablename__ = "cluster_settings"
+    __table_args__ = (CheckConstraint("id = 1", name="one_row"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     cluster_name: Mapped[str | None] = mapped_column(String(63))
@@ -174,6 +250,7 @@ class ClusterSecrets(Base):
     """The Talos secrets bundle (one row, id 1), sealed when a secret key is configured."""
 
     __tablename__ = "cluster_secrets"
+    __table_args__ = (CheckConstraint("id = 1", name="one_row"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     bundle: Mapped[str] = mapped_column(Text)
@@ -229,6 +306,7 @@ class DeviceCode(Base):
     __tablename__ = "device_codes"
     __table_args__ = (
         CheckConstraint("status IN ('pending', 'approved', 'denied', 'consumed', 'expired')", name="status"),
+        Index("ix_device_codes_source_ip_created_at", "source_ip", "created_at"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -239,7 +317,7 @@ class DeviceCode(Base):
     status: Mapped[str] = mapped_column(String(16), default="pending", server_default="pending")
     interval: Mapped[int] = mapped_column(Integer, default=5, server_default="5")
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
-    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
     last_poll_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     access_token_hash: Mapped[str | None] = mapped_column(String(64), unique=True)
     token_expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
@@ -248,6 +326,7 @@ class DeviceCode(Base):
     # its code) hands a token only to a flow that proved the identity the device is bound to.
     uuid: Mapped[str | None] = mapped_column(String(36))
     serial: Mapped[str | None] = mapped_column(String(128))
+    source_ip: Mapped[str | None] = mapped_column(String(45))  # console-code requests per address are budgeted
 
 
 class ServiceToken(Base):

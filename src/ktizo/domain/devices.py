@@ -13,13 +13,20 @@ class DeviceStatus(enum.StrEnum):
     REJECTED = "rejected"
 
 
+class MachineKind(enum.StrEnum):
+    """What kind of machine knocked: a Talos machine (config by network boot) or a Linux host running the agent."""
+
+    TALOS = "talos"
+    AGENT = "agent"
+
+
 class Role(enum.StrEnum):
     CONTROLPLANE = "controlplane"
     WORKER = "worker"
 
 
 class Source(enum.StrEnum):
-    """How Ktizo first learnt of a device."""
+    """The door a machine came through (how Ktizo first learnt of it, and where later knocks came from)."""
 
     CONFIG_FETCH = "config_fetch"  # Talos asked for its config
     REGISTER = "register"  # the explicit register endpoint
@@ -47,3 +54,12 @@ def check_transition(current: DeviceStatus, target: DeviceStatus) -> None:
 def not_approved_message(status: DeviceStatus) -> str:
     """The sentence the seed contract gives Talos (and humans reading its log) when it is refused."""
     return f"Device not approved. Current status: {status.value}"
+
+
+# One answer for every identity refusal (a factor missing, a factor that differs, the wrong source address), so a
+# caller learns nothing about what the machine is bound to; operators find the detail in the audit log and the UI.
+IDENTITY_REFUSED = (
+    "Device identity not proven: this request does not match what Ktizo knows of the machine with this MAC. "
+    "Boot it with talos.config=…/api/v1/config/download?mac=${mac}&uuid=${uuid}&serial=${serial} from its own "
+    "network port; if its hardware changed, an operator can see why in Ktizo and clear the binding."
+)

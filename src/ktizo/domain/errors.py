@@ -19,11 +19,13 @@ class NotFound(KtizoError):
 
 class Conflict(KtizoError):
     """The request collides with existing state (a duplicate MAC, a username taken); ``field`` names the input
-    that collides when there is one, so a form can show the refusal next to it."""
+    that collides when there is one, so a form can show the refusal next to it, and ``fields`` every one of them
+    when several collide at once (hostname and static IP)."""
 
-    def __init__(self, message: str, field: str | None = None) -> None:
+    def __init__(self, message: str, field: str | None = None, *, fields: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.field = field
+        self.fields = fields or ({field: message} if field else {})
 
 
 class InvalidTransition(Conflict):

@@ -15,6 +15,32 @@ _HOST_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 _SERIAL_OK = re.compile(r"[\x20-\x7e]{1,128}")
 
 
+# SMBIOS UUIDs that firmware vendors ship on many boards at once: they identify nothing.
+MEANINGLESS_UUIDS = frozenset(
+    {
+        "00000000-0000-0000-0000-000000000000",
+        "ffffffff-ffff-ffff-ffff-ffffffffffff",
+        "03000200-0400-0500-0006-000700080009",
+    }
+)
+
+
+def identifying_uuid(value: str | None) -> str | None:
+    """``value`` if it can tell one machine from another, else None."""
+    return value if value and value not in MEANINGLESS_UUIDS else None
+
+
+_MACHINE_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def normalize_machine_id(value: str, field: str = "machine_id") -> str:
+    """A systemd machine-id (``/etc/machine-id``): 32 lower-case hex digits, not all zero."""
+    text = value.strip().lower() if isinstance(value, str) else ""
+    if not _MACHINE_ID.fullmatch(text) or text == "0" * 32:
+        raise ValidationFailed("machine_id must be 32 hex digits, as in /etc/machine-id", field)
+    return text
+
+
 def is_placeholder(value: str | None) -> bool:
     """True for values Talos or iPXE sent unexpanded (``${uuid}``), or sent empty: both mean "not known"."""
     if value is None:

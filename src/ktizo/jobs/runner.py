@@ -4,12 +4,12 @@ run the same job at once, and ``SELECT … FOR UPDATE SKIP LOCKED`` keeps them f
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from ktizo.services.registry import Services
+from ktizo.services.transactions import transaction
 
 log = logging.getLogger("ktizo.jobs")
 
@@ -21,9 +21,18 @@ class Job:
     run: Callable[[], int]  # returns how many things it did, for the log
 
 
-def default_jobs(services: Services, discovery_timeout_hours: float) -> list[Job]:
-    timeout = dt.timedelta(hours=discovery_timeout_hours)
-    return [Job("expire-discovered", 60.0, lambda: services.netboot.expire_discovered(timeout))]
+def default_jobs(services: Services) -> list[Job]:
+    work = services.housekeeping
+    return [
+        Job("expire-discovered", 60.0, work.expire_discovered),
+        Job("expire-device-codes", 300.0, work.expire_device_codes),
+        Job("prune-audit", 3600.0, work.prune_audit),
+    ]
+
+
+def _in_transaction(job: Job) -> int:
+    with transaction():
+        return job.run()
 
 
 class JobRunner:
@@ -45,7 +54,7 @@ class JobRunner:
     async def _loop(job: Job) -> None:
         while True:
             try:
-                done = await asyncio.to_thread(job.run)
+                done = await asyncio.to_thread(_in_transaction, job)
                 if done:
                     log.info("job %s: %d done", job.name, done)
             except Exception:  # a failing job must not stop the server; it is tried again next round

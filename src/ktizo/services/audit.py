@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -10,7 +11,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ktizo.db import Database
-from ktizo.db.models import AuditEvent
+from ktizo.db.models import AuditEvent, Refusal
 from ktizo.domain.bounds import as_utc, is_possible_id
 from ktizo.services.context import Actor
 
@@ -49,6 +50,13 @@ ACTIONS = (
     "device_token",
     "asset_fetch",
     "asset_import",
+    "bind",
+    "secrets_release",
+    "audit_prune",
+    "user_disable",
+    "user_enable",
+    "user_role",
+    "password_reset",
 )
 
 
@@ -67,6 +75,8 @@ def record(
     action: str,
     device: DeviceRef | None = None,
     details: dict[str, Any] | None = None,
+    *,
+    refusal_id: int | None = None,
 ) -> None:
     session.add(
         AuditEvent(
@@ -77,8 +87,17 @@ def record(
             device_mac=device.mac_address if device is not None else None,
             source_ip=actor.source_ip,
             details=details or {},
+            refusal_id=refusal_id,
         )
     )
+
+
+def patch_summary(text: str | None) -> str | None:
+    """What the audit log keeps of a patch: never its text (patches can hold secrets), only that it changed."""
+    if not text:
+        return None
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    return f"patch ({len(text.encode())} bytes, sha256 {digest[:16]}…)"
 
 
 @dataclass(frozen=True)
@@ -96,7 +115,7 @@ class AuditService:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    def list(self, q: AuditQuery) -> tuple[list[AuditEvent], int]:
+    def list(self, q: AuditQuery) -> tuple[list[AuditEntry], int]:
         stmt = select(AuditEvent)
         if q.device_id is not None:
             if not is_possible_id(q.device_id):  # no device ever had it; as a parameter it would be a driver error
@@ -114,5 +133,51 @@ class AuditService:
             stmt = stmt.where(AuditEvent.at < as_utc(q.until, "until"))
         with self.db.read() as s:
             total = s.scalar(select(func.count()).select_from(stmt.subquery())) or 0
-            rows = s.scalars(stmt.order_by(AuditEvent.id.desc()).limit(q.limit).offset(q.offset)).all()
-        return list(rows), total
+            rows = list(s.scalars(stmt.order_by(AuditEvent.id.desc()).limit(q.limit).offset(q.offset)).all())
+            ids = {r.refusal_id for r in rows if r.refusal_id is not None}
+            counts = dict(s.execute(select(Refusal.id, Refusal.count).where(Refusal.id.in_(ids))).all()) if ids else {}
+        return [_shown(row, counts) for row in rows], total
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """An audit row as it is shown: ``count`` is how many times a counted refusal happened in its minute (1 for
+    everything else), and patch texts that rows written before release 0005 still hold are shown as a summary."""
+
+    id: int
+    at: dt.datetime
+    actor: str
+    actor_type: str
+    action: str
+    device_id: int | None
+    device_mac: str | None
+    source_ip: str | None
+    details: dict[str, Any]
+    count: int
+
+
+def _scrub_patches(details: dict[str, Any]) -> dict[str, Any]:
+    value = details.get("patch")
+    if isinstance(value, str) and not value.startswith("patch ("):
+        details = {**details, "patch": patch_summary(value)}
+    elif isinstance(value, dict) and {"from", "to"} <= set(value):
+        scrubbed = {
+            k: patch_summary(v) if isinstance(v, str) and not v.startswith("patch (") else v for k, v in value.items()
+        }
+        details = {**details, "patch": scrubbed}
+    return details
+
+
+def _shown(row: AuditEvent, counts: dict[int, int]) -> AuditEntry:
+    return AuditEntry(
+        id=row.id,
+        at=row.at,
+        actor=row.actor,
+        actor_type=row.actor_type,
+        action=row.action,
+        device_id=row.device_id,
+        device_mac=row.device_mac,
+        source_ip=row.source_ip,
+        details=_scrub_patches(dict(row.details or {})),
+        count=counts.get(row.refusal_id, 1) if row.refusal_id is not None else 1,
+    )

@@ -1,9 +1,14 @@
-"""What a booting machine gets: the config download Talos performs, gated by approval and identity."""
+"""What a booting machine gets from the config door: its config, gated by approval and identity.
+
+``decide`` answers from one read (a prepared Core query: every machine of a boot storm comes through here). The
+writes an answer implies come back with it: ``followup`` (first contact, binding, a refusal to count) is written
+before the answer goes out, ``delivered`` (the download record) only once the config was handed to a connection
+that was still open, so a config nobody received never marks a machine installed."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -13,21 +18,15 @@ from sqlalchemy.orm import Session
 from ktizo.db import Database
 from ktizo.db.models import ConfigState, Device
 from ktizo.db.types import utcnow
-from ktizo.domain.devices import DeviceStatus, Source, not_approved_message
-from ktizo.domain.errors import KtizoError, PermissionDenied, ValidationFailed
-from ktizo.services import audit
+from ktizo.domain.devices import IDENTITY_REFUSED, DeviceStatus, Source, not_approved_message
+from ktizo.domain.errors import KtizoError, PermissionDenied
+from ktizo.domain.identity import identifying_uuid
+from ktizo.services import audit, refusals
 from ktizo.services.context import Actor
-from ktizo.services.devices import check_new_device_budget, insert_ignoring_conflict
+from ktizo.services.first_contact import FACTORS, FirstContact, Knock
 from ktizo.services.render import RenderableDevice, RenderCache, Renderer
 
-# SMBIOS UUIDs that firmware vendors ship on many boards at once: they identify nothing.
-_MEANINGLESS_UUIDS = frozenset(
-    {
-        "00000000-0000-0000-0000-000000000000",
-        "ffffffff-ffff-ffff-ffff-ffffffffffff",
-        "03000200-0400-0500-0006-000700080009",
-    }
-)
+Work = Callable[[Session], None]
 
 
 class NotApproved(PermissionDenied):
@@ -36,13 +35,17 @@ class NotApproved(PermissionDenied):
         self.status = status
 
 
-class IdentityMismatch(PermissionDenied):
-    pass
+class IdentityRefused(PermissionDenied):
+    """The one answer to a request that does not prove the machine's identity: a factor left out, a factor that
+    differs from the bound one, or the wrong source address. The detail goes to the audit log only."""
+
+    def __init__(self) -> None:
+        super().__init__(IDENTITY_REFUSED)
 
 
 @dataclass(frozen=True)
 class Claim:
-    """What a request says about the machine; every field already normalised, None when not known."""
+    """What a config request says about the machine; every field already normalised, None when not known."""
 
     mac: str | None = None
     uuid: str | None = None
@@ -53,17 +56,30 @@ class Claim:
 
     @property
     def identifying_uuid(self) -> str | None:
-        return self.uuid if self.uuid and self.uuid not in _MEANINGLESS_UUIDS else None
+        return identifying_uuid(self.uuid)
+
+    def knock(self) -> Knock:
+        facts = {"reported_hostname": self.hostname} if self.hostname else {}
+        return Knock(
+            door=Source.CONFIG_FETCH,
+            mac=self.mac,
+            uuid=self.identifying_uuid,
+            serial=self.serial,
+            source_ip=self.source_ip,
+            facts=facts,
+        )
 
 
 @dataclass(frozen=True)
 class Answer:
-    """What a config request gets: a body or an error, plus the write it still owes (``followup``)."""
+    """What a config request gets: a body or an error, and the writes it owes."""
 
     body: bytes | None = None
     error: KtizoError | None = None
-    followup: Callable[[Session], None] | None = None
+    followup: Work | None = None  # written before answering
+    delivered: Work | None = None  # written once the body was handed to an open connection
     device_id: int | None = None  # None only for a machine seen for the first time
+    status: DeviceStatus | None = None
 
     def result(self) -> bytes:
         if self.error is not None:
@@ -71,10 +87,15 @@ class Answer:
         assert self.body is not None
         return self.body
 
+    @property
+    def pending(self) -> bool:
+        return isinstance(self.error, NotApproved) and self.error.status is DeviceStatus.PENDING
+
 
 # The boot path is hit by every machine in a boot storm: one prepared Core query, no ORM identity map.
 _BOOT_COLUMNS = (
     Device.id,
+    Device.kind,
     Device.mac_address,
     Device.uuid,
     Device.serial,
@@ -104,16 +125,14 @@ class BootService:
         self,
         db: Database,
         renderer: Renderer,
+        first_contact: FirstContact,
         *,
-        last_seen_interval: float = 15.0,
         require_lease_ip: bool = False,
-        new_per_minute: int = 0,
         access_check: Callable[[int, str | None], None] | None = None,
     ) -> None:
-        self.new_per_minute = new_per_minute
         self.db = db
         self.renderer = renderer
-        self.last_seen_interval = last_seen_interval
+        self.first_contact = first_contact
         self.require_lease_ip = require_lease_ip
         self.access_check = access_check
 
@@ -122,51 +141,46 @@ class BootService:
         return self.renderer.cache
 
     def fetch_config(self, claim: Claim) -> bytes:
-        """Return the device's config, or raise ``NotApproved`` / ``IdentityMismatch`` (both mean 403 to Talos)."""
-        answer = self.answer(claim)
-        if answer.followup is not None:
-            with self.db.write() as s:
+        """Decide and write in one go, as a synchronous caller (the CLI, a test) would: the config, or raise
+        ``NotApproved`` / ``IdentityRefused`` (both 403 to Talos)."""
+        answer = self.decide(claim)
+        with self.db.write() as s:
+            if answer.followup is not None:
                 answer.followup(s)
+            if answer.delivered is not None:
+                answer.delivered(s)
         return answer.result()
 
-    def answer(self, claim: Claim) -> Answer:
-        """Decide a config request from one read. The writes it implies (registration, last_seen, the download
-        record) come back as ``followup(session)``, so an async caller can answer from the event loop and hand
-        only the writes to the database's group-commit writer."""
-        if not claim.mac and not claim.identifying_uuid:
-            raise ValidationFailed(
-                "the request names no machine: put mac=${mac}&uuid=${uuid} in the talos.config URL", "mac"
-            )
+    def decide(self, claim: Claim) -> Answer:
+        """Decide a config request from one read; the writes it implies come back with the answer."""
+        knock = claim.knock()  # refuses a request naming no machine
         device = self._find(claim)
+        arrive = partial(self._arrive, knock)
         if device is None:
-            first_contact = partial(self._first_contact, claim, self.new_per_minute)
-            return Answer(error=NotApproved(DeviceStatus.PENDING), followup=first_contact)
-
-        mismatch = self._identity_mismatch(device, claim)
-        if mismatch is not None:
-            return Answer(error=mismatch[0], followup=partial(self._record_mismatch, device, claim, mismatch[1]))
+            return Answer(error=NotApproved(DeviceStatus.PENDING), followup=arrive, status=DeviceStatus.PENDING)
         status = DeviceStatus(device.status)
+        refused = replace(Answer(error=IdentityRefused(), device_id=device.id), status=status)
+        if any(getattr(device, f) and knock.claimed(f) and getattr(device, f) != knock.claimed(f) for f in FACTORS):
+            return replace(refused, followup=arrive)  # first contact records the mismatch
         if status is not DeviceStatus.APPROVED:
-            return Answer(error=NotApproved(status), followup=self._touch(device, claim), device_id=device.id)
-        unproven = self._unproven_identity(device, claim)
-        if unproven is not None:
-            return Answer(error=unproven[0], followup=partial(self._record_mismatch, device, claim, unproven[1]))
+            touch = arrive if self._owes_write(device, knock) else None
+            return Answer(error=NotApproved(status), followup=touch, device_id=device.id, status=status)
+        missing = self._missing_factor(device, knock)
+        if missing is not None:
+            detail = {missing: {"bound": getattr(device, missing), "claimed": None}}
+            return replace(refused, followup=partial(self._refuse, knock, device, detail))
         if self.require_lease_ip and device.lease_ip != claim.source_ip:
             # A spoofed MAC on another port has no lease for it: the lease IP is a second identity factor.
-            return Answer(
-                error=IdentityMismatch(
-                    "Config requests for this MAC must come from its DHCP lease address "
-                    f"({device.lease_ip or 'none known'})"
-                ),
-                device_id=device.id,
-            )
+            detail = {"lease_ip": {"bound": device.lease_ip, "claimed": claim.source_ip}}
+            return replace(refused, followup=partial(self._refuse, knock, device, detail))
         if self.access_check is not None:
             try:
                 self.access_check(device.id, claim.authorization)
             except PermissionDenied as exc:
-                return Answer(error=exc, device_id=device.id)
+                return Answer(error=exc, device_id=device.id, status=status)
         body = self.render(device, device.config_revision)
-        return Answer(body=body, followup=partial(self._record_download, device, claim, len(body)))
+        delivered = partial(self._record_download, knock, device, len(body))
+        return Answer(body=body, delivered=delivered, device_id=device.id, status=status)
 
     def render(self, device: RenderableDevice, config_revision: int | None = None) -> bytes:
         return self.renderer.render(device, self.renderer.source.snapshot(config_revision))
@@ -182,119 +196,48 @@ class BootService:
             # Known only by UUID (pre-registered that way, or Talos's legacy ?uuid= form).
             return conn.execute(_BY_UUID, {"uuid": claim.identifying_uuid}).first()
 
-    @staticmethod
-    def _first_contact(claim: Claim, new_per_minute: int, s: Session) -> None:
-        now = utcnow()
-        check_new_device_budget(s, claim.mac, claim.source_ip, new_per_minute)
-        new_id = insert_ignoring_conflict(
-            s,
-            {
-                "mac_address": claim.mac,
-                "uuid": claim.identifying_uuid,
-                "serial": claim.serial,
-                "status": "pending",
-                "role": "worker",
-                "notes": "",
-                "source": Source.CONFIG_FETCH.value,
-                "facts": {"reported_hostname": claim.hostname} if claim.hostname else {},
-                "first_seen": now,
-                "last_seen": now,
-                "last_ip": claim.source_ip,
-                "revision": 1,
-            },
-        )
-        if new_id is not None:  # else a concurrent first contact made the row and audited it
-            audit.record(
-                s,
-                Actor.device(claim.source_ip),
-                "register",
-                s.get(Device, new_id),
-                {"source": Source.CONFIG_FETCH.value},
-            )
+    def _owes_write(self, device: BootDevice, knock: Knock) -> bool:
+        """Whether a polling machine's knock changes anything: a boot storm of pending machines must not be a
+        storm of writes."""
+        if any(knock.claimed(f) and not getattr(device, f) for f in FACTORS) or device.mac_address is None:
+            return True
+        last = device.last_seen
+        if last is None or (utcnow() - last).total_seconds() >= self.first_contact.touch_interval:
+            return True
+        if device.last_ip != knock.source_ip:
+            return True
+        return any(device.facts.get(k) != v for k, v in knock.facts.items())
 
     @staticmethod
-    def _identity_mismatch(device: BootDevice, claim: Claim) -> tuple[IdentityMismatch, dict[str, Any]] | None:
-        mismatch = {}
-        if device.uuid and claim.identifying_uuid and device.uuid != claim.identifying_uuid:
-            mismatch["uuid"] = {"bound": device.uuid, "claimed": claim.identifying_uuid}
-        if device.serial and claim.serial and device.serial != claim.serial:
-            mismatch["serial"] = {"bound": device.serial, "claimed": claim.serial}
-        if not mismatch:
-            return None
-        error = IdentityMismatch(
-            f"Device identity mismatch: this MAC is bound to another {' and '.join(mismatch)}. "
-            "An operator must check the machine and clear the binding."
-        )
-        return error, mismatch
-
-    @staticmethod
-    def _unproven_identity(device: BootDevice, claim: Claim) -> tuple[IdentityMismatch, dict[str, Any]] | None:
+    def _missing_factor(device: BootDevice, knock: Knock) -> str | None:
         """A bound machine gets its config only by repeating what it is bound to: leaving the UUID out of the
         request must not be a way around the binding (anyone can name a MAC seen on the wire)."""
-        if device.uuid and not claim.identifying_uuid:
-            factor, bound = "uuid", device.uuid
-        elif not device.uuid and device.serial and not claim.serial:
-            factor, bound = "serial", device.serial
-        else:
-            return None
-        error = IdentityMismatch(
-            f"Device identity not proven: this MAC is bound to {factor} {bound} and the request did not say its "
-            f"{factor}. Put {factor}=${{{factor}}} in the talos.config URL, or have an operator clear the binding."
-        )
-        return error, {factor: {"bound": bound, "claimed": None}}
+        if device.uuid and not knock.identifying_uuid:
+            return "uuid"
+        if not device.uuid and device.serial and not knock.serial:
+            return "serial"
+        return None
+
+    def _arrive(self, knock: Knock, s: Session) -> None:
+        self.first_contact.arrive(s, knock)
 
     @staticmethod
-    def _record_mismatch(device: BootDevice, claim: Claim, mismatch: dict[str, Any], s: Session) -> None:
-        audit.record(s, Actor.device(claim.source_ip), "identity_mismatch", device, {**mismatch, "mac": claim.mac})
+    def _refuse(knock: Knock, device: BootDevice, detail: dict[str, Any], s: Session) -> None:
+        refusals.refuse(s, knock.who, "identity_mismatch", knock.subject, device, {**detail, "door": knock.door.value})
 
-    @classmethod
-    def _record_download(cls, device: BootDevice, claim: Claim, size: int, s: Session) -> None:
+    def _record_download(self, knock: Knock, device: BootDevice, size: int, s: Session) -> None:
+        self.first_contact.arrive(s, knock)  # binds factors reported for the first time, touches last_seen
         now = utcnow()
         s.execute(
             update(Device)
             .where(Device.id == device.id)
-            .values(
-                last_config_download=now,
-                last_seen=now,
-                last_ip=claim.source_ip,
-                # Delivered means installed: if the machine netboots again, iPXE sends it to its disk.
-                installed_at=now,
-                **cls._binding(device, claim),
-            )
+            # Delivered means installed: if the machine netboots again, iPXE sends it to its disk.
+            .values(last_config_download=now, installed_at=now)
         )
         audit.record(
             s,
-            Actor.device(claim.source_ip),
+            Actor.device(knock.source_ip),
             "config_download",
             device,
             {"role": device.role, "revision": device.revision, "bytes": size},
         )
-
-    @staticmethod
-    def _binding(device: BootDevice, claim: Claim) -> dict[str, Any]:
-        """Identity factors to remember on first report: later requests must repeat them."""
-        values: dict[str, Any] = {}
-        if device.mac_address is None and claim.mac:
-            values["mac_address"] = claim.mac
-        if not device.uuid and claim.identifying_uuid and device.mac_address:
-            values["uuid"] = claim.identifying_uuid
-        if not device.serial and claim.serial:
-            values["serial"] = claim.serial
-        return values
-
-    def _touch(self, device: BootDevice, claim: Claim) -> Callable[[Session], None] | None:
-        """The write a polling device owes, if any: a boot storm of pending machines must not be a storm of writes."""
-        values = self._binding(device, claim)
-        now = utcnow()
-        stale = device.last_seen is None or (now - device.last_seen).total_seconds() >= self.last_seen_interval
-        if stale or device.last_ip != claim.source_ip:
-            values.update(last_seen=now, last_ip=claim.source_ip)
-        if claim.hostname and device.facts.get("reported_hostname") != claim.hostname:
-            values["facts"] = {**device.facts, "reported_hostname": claim.hostname}
-        if not values:
-            return None
-        return partial(self._update, device.id, values)
-
-    @staticmethod
-    def _update(device_id: int, values: dict[str, Any], s: Session) -> None:
-        s.execute(update(Device).where(Device.id == device_id).values(**values))

@@ -12,7 +12,7 @@ import hashlib
 import ipaddress
 import json
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,14 +21,12 @@ from sqlalchemy.orm import Session
 
 from ktizo.db import Database
 from ktizo.db.models import ClusterSettings, Device
-from ktizo.db.types import utcnow
 from ktizo.domain.devices import DeviceStatus, Role
 from ktizo.domain.errors import Conflict, InvalidTransition, NotFound, ValidationFailed
 from ktizo.domain.identity import normalize_hostname, normalize_ip
 from ktizo.domain.users import UserRole
-from ktizo.services import audit
 from ktizo.services.context import Actor
-from ktizo.services.devices import DeviceService
+from ktizo.services.devices import DeviceChanges, DeviceService
 
 MAX_DEVICES = 1000
 # Two bulk approvals on two replicas must not hand out the same addresses: they take turns (PostgreSQL).
@@ -60,7 +58,7 @@ class Assignment:
     mac_address: str | None
     hostname: str
     ip_address: str | None
-    role: str
+    role: str | None  # None for agent hosts
 
 
 @dataclass(frozen=True)
@@ -216,34 +214,13 @@ class BulkService:
             if expected is not None and plan.fingerprint != expected:
                 raise Conflict("the assignment changed since the preview (another change landed); preview again")
             devices = {d.id: d for d in rows}
-            now = utcnow()
             for a in plan.assignments:
-                device = devices[a.device_id]
-                previous = device.status
-                device.hostname = a.hostname
-                device.ip_address = a.ip_address
-                device.role = a.role
+                changes = DeviceChanges(hostname=a.hostname, ip_address=a.ip_address, role=a.role)
                 if request.notes is not None:
-                    device.notes = request.notes
-                device.status = DeviceStatus.APPROVED.value
-                device.approved_at = now
-                device.approved_by = actor.name
-                device.revision += 1
-                audit.record(
-                    s,
-                    actor,
-                    "approve",
-                    device,
-                    {
-                        "from": previous,
-                        "hostname": a.hostname,
-                        "ip_address": a.ip_address,
-                        "role": a.role,
-                        "notes": device.notes,
-                        "bulk": len(plan.assignments),
-                    },
+                    changes.notes = request.notes
+                self.devices.approve_in(
+                    s, actor, devices[a.device_id], changes, details={"bulk": len(plan.assignments)}
                 )
-        self._wake(a.device_id for a in plan.assignments)
         return plan
 
     def reject(self, actor: Actor, device_ids: Sequence[int], notes: str | None = None) -> list[int]:
@@ -254,24 +231,9 @@ class BulkService:
             devices = self._devices(s, device_ids, lock=True)
             for device in devices:
                 _require_pending(device)
-            now = utcnow()
             for device in devices:
-                device.status = DeviceStatus.REJECTED.value
-                device.rejected_at = now
-                device.rejected_by = actor.name
-                if notes is not None:
-                    device.notes = notes
-                device.revision += 1
-                audit.record(s, actor, "reject", device, {"from": "pending", "revoked": False, "bulk": len(devices)})
-        self._wake(d.id for d in devices)
+                self.devices.reject_in(s, actor, device, notes, details={"bulk": len(devices)})
         return [d.id for d in devices]
-
-    def _wake(self, ids: Iterable[int]) -> None:
-        """Answer the machines' held config requests now (after the commit, so they read the new state)."""
-        watcher = self.devices.watcher
-        if watcher is not None:
-            for device_id in ids:
-                watcher.notify(device_id)
 
     # -- helpers ---------------------------------------------------------------------------------------
 

@@ -206,4 +206,4 @@ class GroupService:
 
 
 def _summary(values: dict[str, Any]) -> dict[str, Any]:
-    return {k: (f"{len(v)} bytes" if k == "patch" and v else v) for k, v in values.items()}
+    return {k: (audit.patch_summary(v) if k == "patch" else v) for k, v in values.items()}

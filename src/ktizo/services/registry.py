@@ -9,11 +9,18 @@ from ktizo.services.audit import AuditService
 from ktizo.services.boot import BootService
 from ktizo.services.bulk import BulkService
 from ktizo.services.cluster import ClusterService
+from ktizo.services.console_codes import ConsoleCodeService
+from ktizo.services.device_flow import DeviceFlowService
 from ktizo.services.devices import DeviceService
+from ktizo.services.dhcp import DhcpService
+from ktizo.services.download import ConfigDownload
+from ktizo.services.first_contact import FirstContact
 from ktizo.services.groups import GroupService
-from ktizo.services.netboot import NetbootService
+from ktizo.services.housekeeping import Housekeeping
+from ktizo.services.ipxe import IpxeService
 from ktizo.services.preview import PreviewService
 from ktizo.services.render import ConfigSource, Renderer
+from ktizo.services.schema import SchemaService
 from ktizo.services.users import UserService
 from ktizo.services.watch import ApprovalWatcher
 
@@ -23,13 +30,20 @@ class Services:
     db: Database
     source: ConfigSource
     renderer: Renderer
+    first_contact: FirstContact
     devices: DeviceService
     bulk: BulkService
     boot: BootService
-    netboot: NetbootService
+    download: ConfigDownload
+    ipxe: IpxeService
+    dhcp: DhcpService
+    device_flow: DeviceFlowService
+    console_codes: ConsoleCodeService
+    housekeeping: Housekeeping
     watcher: ApprovalWatcher
     cluster: ClusterService
     groups: GroupService
     preview: PreviewService
     users: UserService
     audit: AuditService
+    schema: SchemaService

@@ -44,7 +44,7 @@ class RenderableDevice(Protocol):
     @property
     def revision(self) -> int: ...
     @property
-    def role(self) -> str: ...
+    def role(self) -> str | None: ...
     @property
     def mac_address(self) -> str | None: ...
     @property
@@ -245,15 +245,38 @@ def _in_subnet(gateway: str, address: str) -> bool:
         return False
 
 
+def gateway_for(address: str, snap: Snapshot, groups: tuple[GroupSpec, ...]) -> str | None:
+    """The default route of a NIC with ``address``: the gateway of the highest-priority group that sets one, else
+    the cluster's, whichever first lies in the NIC's subnet (a gateway elsewhere is unreachable: Talos would get a
+    route it cannot use)."""
+    candidates = [g.gateway for g in reversed(groups) if g.gateway]
+    if snap.gateway:
+        candidates.append(snap.gateway)
+    return next((gw for gw in candidates if _in_subnet(gw, address)), None)
+
+
+def gateway_warning(address: str | None, snap: Snapshot, groups: tuple[GroupSpec, ...]) -> str | None:
+    """Why a machine with this static address gets no default route, when it gets none although one is set."""
+    if not address or gateway_for(address, snap, groups) is not None:
+        return None
+    configured = [g.gateway for g in reversed(groups) if g.gateway] + ([snap.gateway] if snap.gateway else [])
+    if not configured:
+        return None
+    return (
+        f"no default route: the gateway {configured[0]} is not in {address}'s subnet "
+        f"({ipaddress.ip_interface(address).network}); set a gateway in that subnet on the cluster or a group, "
+        "or give the machine an address in the gateway's subnet"
+    )
+
+
 def customization_for(device: RenderableDevice, snap: Snapshot, groups: tuple[GroupSpec, ...]) -> Customization:
     """The device's own fields, with network defaults from its highest-priority group that sets them, else the
-    cluster's. A gateway becomes a NIC's default route only if it lies in that NIC's subnet; nameservers are
-    written only for a device with a static address (with DHCP, the DHCP server hands them out)."""
-    gateway = next((g.gateway for g in reversed(groups) if g.gateway), snap.gateway)
+    cluster's. A gateway becomes a NIC's default route only if it lies in that NIC's subnet (see ``gateway_for``);
+    nameservers are written only for a device with a static address (with DHCP, the DHCP server hands them out)."""
     nameservers = next((g.nameservers for g in reversed(groups) if g.nameservers), snap.nameservers)
     nics: list[Nic] = []
     if device.mac_address and device.ip_address:
-        gw = gateway if gateway and _in_subnet(gateway, device.ip_address) else None
+        gw = gateway_for(device.ip_address, snap, groups)
         nics.append(Nic(mac=device.mac_address, addresses=(device.ip_address,), gateway=gw))
     for extra in device.extra_nics or ():
         addresses = tuple(extra.get("addresses") or ())
@@ -268,6 +291,12 @@ def customization_for(device: RenderableDevice, snap: Snapshot, groups: tuple[Gr
     )
 
 
+def _role(device: RenderableDevice) -> Role:
+    if device.role is None:
+        raise NotReady("this machine is not a Talos machine: it has no Talos config")
+    return Role(device.role)
+
+
 class Renderer:
     def __init__(self, source: ConfigSource, cache: RenderCache) -> None:
         self.source = source
@@ -275,7 +304,7 @@ class Renderer:
 
     def documents(self, device: RenderableDevice, snap: Snapshot) -> list[dict[str, Any]]:
         """The full config as documents (uncached): what ``render`` serialises."""
-        return self._compose(device, snap, self.source.base(snap, Role(device.role)), snap.groups_for(device))
+        return self._compose(device, snap, self.source.base(snap, _role(device)), snap.groups_for(device))
 
     @staticmethod
     def _compose(
@@ -288,7 +317,7 @@ class Renderer:
         return customize_documents(docs, customization_for(device, snap, groups), snap.talos_version)
 
     def render(self, device: RenderableDevice, snap: Snapshot) -> bytes:
-        base = self.source.base(snap, Role(device.role))
+        base = self.source.base(snap, _role(device))
         groups = snap.groups_for(device)
         key = (
             device.id,

@@ -7,6 +7,8 @@ import datetime as dt
 import hashlib
 import hmac
 import secrets
+import threading
+from collections import Counter
 from dataclasses import dataclass
 
 from argon2 import PasswordHasher
@@ -15,18 +17,19 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from ktizo.db import Database
-from ktizo.db.models import ApiToken, AuditEvent, User
+from ktizo.db.engine import keep_on_refusal
+from ktizo.db.models import ApiToken, User
 from ktizo.db.types import utcnow
 from ktizo.domain.bounds import is_possible_id
 from ktizo.domain.errors import Conflict, NotFound, TooManyAttempts, Unauthenticated, ValidationFailed
 from ktizo.domain.users import UserRole, normalize_username
-from ktizo.services import audit
+from ktizo.services import audit, refusals
 from ktizo.services.context import Actor
 
 TOKEN_PREFIX = "ktz_"  # noqa: S105 - a public prefix, not a secret
 SESSION_TTL = dt.timedelta(hours=12)
-# Password guessing is throttled with what the audit log already holds (every failure is a row), so every
-# replica sees the same count. Per user name and source address, so a guesser elsewhere cannot lock the
+# Password guessing is throttled by the refusal counters (services.refusals), in the database, so every replica
+# sees the same count. Per user name and source address, so a guesser elsewhere cannot lock the
 # administrator out; per source address too, so spraying many user names from one place stops as well.
 LOGIN_WINDOW = dt.timedelta(minutes=15)
 LOGIN_FAILURES_PER_USER = 10
@@ -79,8 +82,13 @@ class TokenInfo:
 
 
 class UserService:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, concurrency: int = 4) -> None:
         self.db = db
+        # Argon2id verifies with 64 MiB each: forty concurrent sign-ins would be 2.5 GB and starve everything
+        # else. They take turns; attempts waiting or running count toward the throttle as if they had failed.
+        self._verifying = threading.BoundedSemaphore(concurrency)
+        self._in_flight: Counter[tuple[str, str]] = Counter()
+        self._in_flight_lock = threading.Lock()
 
     def any_users(self) -> bool:
         with self.db.read() as s:
@@ -131,52 +139,69 @@ class UserService:
             name = normalize_username(username)
         except ValidationFailed:
             name = ""
-        with self.db.read() as s:
-            user = s.scalar(select(User).where(User.username == name)) if name else None
-            wait = self._login_wait(s, name or "?", source_ip, user.last_login_at if user else None)
-        if wait:
-            with self.db.write() as s:
-                actor = Actor(name=name or "?", kind="user", source_ip=source_ip)
-                audit.record(s, actor, "login_failed", None, {"throttled": True})
-            minutes = -(-wait // 60)
-            plural = "s" if minutes != 1 else ""
-            raise TooManyAttempts(
-                f"too many failed sign-ins from this address; try again in {minutes} minute{plural}", wait
-            )
-        ok = False
+        subject = name or "?"
+        address = source_ip or ""
+        with self._in_flight_lock:
+            in_flight_user = self._in_flight[(subject, address)]
+            in_flight_source = sum(n for (_, a), n in self._in_flight.items() if a == address)
+            self._in_flight[(subject, address)] += 1
         try:
-            ok = _hasher.verify(user.password_hash if user and user.password_hash else _DUMMY_HASH, password)
-        except (VerificationError, InvalidHashError):
+            with self.db.read() as s:
+                user = s.scalar(select(User).where(User.username == name)) if name else None
+                wait = self._login_wait(s, subject, source_ip, in_flight_user, in_flight_source)
+            if wait:
+                self._refuse(subject, source_ip, {"throttled": True})
+                minutes = -(-wait // 60)
+                plural = "s" if minutes != 1 else ""
+                raise TooManyAttempts(
+                    f"too many failed sign-ins from this address; try again in {minutes} minute{plural}", wait
+                )
             ok = False
-        if not ok or user is None or user.disabled or not user.password_hash:
-            with self.db.write() as s:  # committed before refusing: failed logins are evidence too
-                audit.record(s, Actor(name=name or "?", kind="user", source_ip=source_ip), "login_failed")
-            raise Unauthenticated("wrong username or password")
+            with self._verifying:
+                try:
+                    ok = _hasher.verify(user.password_hash if user and user.password_hash else _DUMMY_HASH, password)
+                except (VerificationError, InvalidHashError):
+                    ok = False
+            if not ok or user is None or user.disabled or not user.password_hash:
+                self._refuse(subject, source_ip, {})
+                raise Unauthenticated("wrong username or password")
+        finally:
+            with self._in_flight_lock:
+                self._in_flight[(subject, address)] -= 1
+                if not self._in_flight[(subject, address)]:
+                    del self._in_flight[(subject, address)]
         with self.db.write() as s:
             s.execute(update(User).where(User.id == user.id).values(last_login_at=utcnow()))
+            refusals.forgive(s, "login_failed", user.username, source_ip)  # old typos no longer count
             audit.record(s, Actor.user(user.username, UserRole(user.role), source_ip), "login")
         return Principal(user.id, user.username, UserRole(user.role))
 
+    def _refuse(self, subject: str, source_ip: str | None, details: dict[str, object]) -> None:
+        with self.db.write() as s:  # evidence: it stands although the sign-in is refused
+            refusals.refuse(
+                s, Actor(name=subject, kind="user", source_ip=source_ip), "login_failed", subject, None, details
+            )
+        keep_on_refusal()
+
     @staticmethod
-    def _login_wait(s: Session, name: str, source_ip: str | None, last_login: dt.datetime | None) -> int:
-        """Seconds until this user name may try again from this address; 0 when it may now."""
+    def _login_wait(s: Session, name: str, source_ip: str | None, in_flight_user: int, in_flight_source: int) -> int:
+        """Seconds until this user name may try again from this address; 0 when it may now. Failures are counted
+        in the database (every replica sees them), attempts still running in this process on top."""
         now = utcnow()
         since = now - LOGIN_WINDOW
-        where_source = AuditEvent.source_ip.is_(None) if source_ip is None else AuditEvent.source_ip == source_ip
-        failures = (
-            select(func.count(), func.min(AuditEvent.at))
-            .select_from(AuditEvent)
-            .where(AuditEvent.action == "login_failed", AuditEvent.at >= since, where_source)
-        )
-        # A successful sign-in wipes the slate for that user: old typos do not count against them.
-        user_since = max(since, last_login) if last_login else since
+        address = source_ip or ""
         checks = (
-            (failures.where(AuditEvent.actor == name, AuditEvent.at >= user_since), LOGIN_FAILURES_PER_USER),
-            (failures, LOGIN_FAILURES_PER_SOURCE),
+            (
+                refusals.count(s, "login_failed", since, subject=name, source_ip=address),
+                in_flight_user,
+                LOGIN_FAILURES_PER_USER,
+            ),
+            (refusals.count(s, "login_failed", since, source_ip=address), in_flight_source, LOGIN_FAILURES_PER_SOURCE),
         )
-        for stmt, allowed in checks:
-            count, oldest = s.execute(stmt).one()
-            if count >= allowed and oldest is not None:
+        for (count, oldest), running, allowed in checks:
+            if count + running >= allowed:
+                if oldest is None:
+                    return int(LOGIN_WINDOW.total_seconds())  # only attempts in flight: wait for them
                 return TooManyAttempts.seconds_until(oldest + LOGIN_WINDOW, now)
         return 0
 
@@ -253,7 +278,14 @@ class UserService:
             _admin_guard(s, user, demote=role is not UserRole.ADMIN)
             before = user.role
             user.role = role.value
-            audit.record(s, actor, "user_role", None, {"username": user.username, "from": before, "to": role.value})
+            ended = _end_sessions(s, user)
+            audit.record(
+                s,
+                actor,
+                "user_role",
+                None,
+                {"username": user.username, "from": before, "to": role.value, "tokens_revoked": ended},
+            )
         return user
 
     def reset_password(self, actor: Actor, username: str) -> str:
@@ -264,7 +296,8 @@ class UserService:
         with self.db.write() as s:
             user = _user_for_update(s, username)
             user.password_hash = digest
-            audit.record(s, actor, "password_reset", None, {"username": user.username})
+            ended = _end_sessions(s, user)
+            audit.record(s, actor, "password_reset", None, {"username": user.username, "tokens_revoked": ended})
         return password
 
     def list_tokens(self, actor: Actor, username: str | None = None) -> builtins.list[TokenInfo]:
@@ -299,6 +332,15 @@ class UserService:
                 tok.id, owner, tok.name, tok.prefix, tok.created_at, tok.expires_at, tok.last_used_at, tok.revoked_at
             )
         return info
+
+
+def _end_sessions(s: Session, user: User) -> int:
+    """Revoke every live token of ``user`` (UI sessions are tokens too): a new password or a new role must not
+    leave a session opened with the old one. Returns how many were revoked."""
+    result = s.execute(
+        update(ApiToken).where(ApiToken.user_id == user.id, ApiToken.revoked_at.is_(None)).values(revoked_at=utcnow())
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 def _admin_guard(s: Session, user: User, *, demote: bool) -> None:

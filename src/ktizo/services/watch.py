@@ -1,8 +1,8 @@
 """Waking held requests when a device is approved: Talos's backoff must not stand between an operator's click
 and the machine (a long-polled config download answers the moment its device is approved).
 
-Approvals made in this process wake waiters at once; approvals made by another replica are noticed by one
-cheap query a second, run only while someone is waiting."""
+Approvals made in this process wake waiters once they commit; approvals made by another replica are noticed by
+one cheap query a second, run only while someone is waiting. Times and waits are on Ktizo's clock."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from ktizo.db import Database
 from ktizo.db.models import Device
-from ktizo.db.types import utcnow
+from ktizo.domain import clock
 
 
 class ApprovalWatcher:
@@ -27,20 +27,19 @@ class ApprovalWatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._poller: asyncio.Task[None] | None = None
 
-    async def wait(self, device_id: int, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds for ``device_id`` to change state; True if woken, False on timeout."""
+    async def wait(self, device_id: int, timeout: float, event: asyncio.Event | None = None) -> bool:
+        """Wait up to ``timeout`` seconds for ``device_id`` to change state; True if woken, False on timeout.
+
+        ``event`` lets the caller wake the wait for reasons of its own too (the client went away)."""
         loop = asyncio.get_running_loop()
         self._loop = loop
-        event = asyncio.Event()
+        event = event or asyncio.Event()
         with self._lock:
             self._waiters[device_id].add(event)
         if self._poller is None or self._poller.done():
             self._poller = loop.create_task(self._poll())
         try:
-            await asyncio.wait_for(event.wait(), timeout)
-            return True
-        except TimeoutError:
-            return False
+            return await clock.current().wait(event, timeout)
         finally:
             with self._lock:
                 waiters = self._waiters.get(device_id)
@@ -65,14 +64,14 @@ class ApprovalWatcher:
             return sum(len(v) for v in self._waiters.values())
 
     async def _poll(self) -> None:
-        since = utcnow() - dt.timedelta(seconds=self.poll_seconds)
+        since = clock.now() - dt.timedelta(seconds=self.poll_seconds)
         while True:
-            await asyncio.sleep(self.poll_seconds)
+            await clock.current().sleep(self.poll_seconds)
             with self._lock:
                 ids = list(self._waiters)
             if not ids:
                 return
-            checked_at = utcnow()
+            checked_at = clock.now()
             changed = await asyncio.to_thread(self._changed_since, ids, since)
             since = checked_at - dt.timedelta(seconds=self.poll_seconds)  # overlap: clocks and commit order
             for device_id in changed:

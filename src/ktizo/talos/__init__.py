@@ -3,7 +3,7 @@
 from ktizo.talos.customize import Customization, Nic, customize, render
 from ktizo.talos.generate import ClusterInput, generate_configs, validate_cluster_input
 from ktizo.talos.patch import Patch, apply_patches, check_patch_result, load_patch
-from ktizo.talos.redact import redact
+from ktizo.talos.redact import redact, redact_patch
 from ktizo.talos.schema import check_unique, document_key, machine_type, validate_documents
 from ktizo.talos.secrets import SecretsBundle, dump_secrets, generate_secrets, load_secrets
 from ktizo.talos.talosconfig import make_talosconfig
@@ -40,6 +40,7 @@ __all__ = [
     "make_talosconfig",
     "parse_talos_version",
     "redact",
+    "redact_patch",
     "render",
     "validate_cluster_input",
     "validate_documents",

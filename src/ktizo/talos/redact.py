@@ -16,7 +16,10 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
-__all__ = ["PRIVATE_KEY_MARKER", "REDACTED", "SECRET_DOCUMENT_FIELDS", "SECRET_FIELDS", "redact"]
+from ktizo.domain.errors import ValidationFailed
+from ktizo.talos.yamlio import dump_documents, load_values
+
+__all__ = ["PRIVATE_KEY_MARKER", "REDACTED", "SECRET_DOCUMENT_FIELDS", "SECRET_FIELDS", "redact", "redact_patch"]
 
 REDACTED = "***redacted***"
 
@@ -151,3 +154,30 @@ def redact(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             doc["apiUrl"] = _JOIN_TOKEN.sub(lambda match: match.group(1) + REDACTED, api_url)
         result.append(_scrub(doc))
     return result
+
+
+_SECRET_NAME = re.compile(r"(?i)(key|token|secret|password|passphrase|auth|credential)")
+
+
+def redact_patch(text: str | None) -> str | None:
+    """A patch as someone below admin may see it: the preview's redaction applied to its documents (a JSON 6902
+    patch: every value at a path naming a secret, and every private key anywhere). Text that is not a readable
+    patch is not shown at all: nobody can tell what it hides."""
+    if not text:
+        return text
+    try:
+        values = load_values(text)
+    except ValidationFailed:
+        return "# (patch not shown: it is not valid YAML)\n"
+    if values and all(isinstance(v, dict) for v in values):
+        redacted = redact(values)
+        return text if redacted == values else dump_documents(redacted)  # nothing hidden: the text as written
+    if len(values) == 1 and isinstance(values[0], list):  # JSON 6902: a list of operations
+        operations = []
+        for operation in copy.deepcopy(values[0]):
+            secret = isinstance(operation, dict) and _SECRET_NAME.search(str(operation.get("path", "")))
+            if secret and "value" in operation:
+                operation["value"] = REDACTED
+            operations.append(_scrub(operation))
+        return text if operations == values[0] else dump_documents([operations])
+    return "# (patch not shown)\n"

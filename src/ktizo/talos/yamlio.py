@@ -198,8 +198,9 @@ def load_documents(data: str | bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> 
     return docs
 
 
-def dump_documents(docs: list[dict[str, Any]]) -> str:
-    """Write documents as one YAML stream separated by ``---`` lines, keys in their given order."""
+def dump_documents(docs: list[Any]) -> str:
+    """Write documents (mappings, or the list of a JSON 6902 patch) as one YAML stream separated by ``---``
+    lines, keys in their given order."""
     return yaml.dump_all(
         docs,
         Dumper=_Dumper,

@@ -50,7 +50,7 @@ def look_up_code(request: Request, user: CurrentUser, form: CheckedForm) -> Resp
     device = None
     if code and user.can_operate:
         try:
-            device = services.netboot.lookup_code(user.actor, code)
+            device = services.console_codes.lookup(user.actor, code)
         except (NotFound, ValidationFailed) as exc:
             errors["code"] = exc.message
     return _page(request, user, code=code, device=device, errors=errors, status_code=404 if errors else 200)
@@ -66,7 +66,7 @@ def approve_by_code(request: Request, user: CurrentUser, form: CheckedForm) -> R
     code_refused = False
     if not errors:
         try:
-            device = services.netboot.approve_code(user.actor, code, changes)
+            device = services.console_codes.approve(user.actor, code, changes)
         except NotFound as exc:
             # Expired or taken meanwhile: say so by the code field. It already counted as a miss, so the page is
             # drawn without looking the code up again (that would count a second one).
@@ -77,7 +77,7 @@ def approve_by_code(request: Request, user: CurrentUser, form: CheckedForm) -> R
     if device is not None and not errors:
         return _page(request, user, values={}, approved=device)
     try:
-        device = services.netboot.lookup_code(user.actor, code) if code and not code_refused else None
+        device = services.console_codes.lookup(user.actor, code) if code and not code_refused else None
     except KtizoError:
         device = None
     return _page(request, user, code=code, device=device, errors=errors, values=values, status_code=422)

@@ -18,15 +18,15 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.datastructures import QueryParams
 
-from ktizo.db.models import Device
-from ktizo.db.types import utcnow
 from ktizo.domain.bounds import as_utc
+from ktizo.domain.clock import now as utcnow
 from ktizo.domain.devices import DeviceStatus, Role
 from ktizo.domain.errors import KtizoError, NotFound, ValidationFailed
 from ktizo.domain.identity import normalize_hostname, normalize_interface_address
 from ktizo.services.audit import AuditQuery
 from ktizo.services.devices import UNSET, DeviceChanges, DeviceQuery
 from ktizo.services.groups import normalize_labels
+from ktizo.services.records import Device
 from ktizo.services.registry import Services
 from ktizo.web.forms import Errors, note_error, parse, text, too_long
 from ktizo.web.routing import WebRoute, is_htmx
@@ -350,7 +350,7 @@ def _after_change(request: Request, device_id: int, message: str) -> Response:
 
 
 def _approved_message(device: Device) -> str:
-    parts = [device.hostname or "(Talos picks the hostname)", device.ip_address or "DHCP", device.role]
+    parts = [device.hostname or "(Talos picks the hostname)", device.ip_address or "DHCP", device.role or device.kind]
     return "Approved as " + " · ".join(parts) + ". It gets its config on its next request."
 
 

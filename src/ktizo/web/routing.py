@@ -10,16 +10,8 @@ from fastapi import Request, Response
 from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse
 from fastapi.routing import APIRoute
 
-from ktizo.domain.errors import (
-    Conflict,
-    KtizoError,
-    NotFound,
-    NotReady,
-    PermissionDenied,
-    TooManyAttempts,
-    Unauthenticated,
-    ValidationFailed,
-)
+from ktizo.domain.errors import KtizoError
+from ktizo.http.errors import status_of
 from ktizo.web.session import CsrfRejected, LoginRequired, clear_session
 from ktizo.web.templating import render
 
@@ -36,27 +28,13 @@ HEADERS = {
     "Referrer-Policy": "same-origin",
 }
 
-# The UI's own reading of the domain's errors (the API keeps its table in api.errors; the UI may not import it).
-_STATUS: tuple[tuple[type[KtizoError], int, str], ...] = (
-    (ValidationFailed, 422, "That input was not accepted"),
-    (Unauthenticated, 401, "Sign in again"),
-    (PermissionDenied, 403, "Not allowed"),
-    (NotFound, 404, "Not found"),
-    (Conflict, 409, "That conflicts with the current state"),
-    (TooManyAttempts, 429, "Too many attempts"),
-    (NotReady, 503, "Something must be set up first"),
-)
-
 
 def is_htmx(request: Request) -> bool:
     return request.headers.get("HX-Request") == "true"
 
 
 def error_status(exc: KtizoError) -> tuple[int, str]:
-    for cls, code, title in _STATUS:
-        if isinstance(exc, cls):
-            return code, title
-    return 400, "That did not work"
+    return status_of(exc)
 
 
 def error_response(request: Request, code: int, title: str, message: str) -> Response:

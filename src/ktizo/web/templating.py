@@ -11,7 +11,7 @@ from fastapi.responses import HTMLResponse
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from ktizo import __version__
-from ktizo.db.types import utcnow
+from ktizo.domain.clock import now as utcnow
 from ktizo.domain.devices import DeviceStatus, Source
 from ktizo.web.session import CSRF_FIELD, CSRF_HEADER, WebUser
 

@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import RedirectResponse
 
-from ktizo.db.types import utcnow
+from ktizo.domain.clock import now as utcnow
 from ktizo.domain.errors import KtizoError, PermissionDenied
 from ktizo.domain.users import UserRole
 from ktizo.web import devices as _devices  # noqa: F401 - registers the {name:id} path convertor used below

@@ -1,0 +1,131 @@
+"""The config download, Talos's GET and the seed's POST alike: decide, hold a pending machine's request until it
+is approved (long poll), and record the download once the config went out.
+
+Holding requests is what a client on the provisioning network could turn against the server, so it is bounded:
+at most ``max_held`` requests held in all and ``max_held_per_address`` from one address (beyond that a request is
+answered at once, as without long poll), one held request per machine (a newer one for the same machine answers
+the older at once), and a request whose client hung up stops waiting at once. Only the request still held when the
+machine is approved gets the render, and the download is recorded only for a config handed to an open
+connection."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from dataclasses import dataclass, field
+
+from ktizo.db import Database
+from ktizo.services.boot import Answer, BootService, Claim, Work
+from ktizo.services.watch import ApprovalWatcher
+
+
+@dataclass
+class _Held:
+    device_id: int
+    address: str
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+    superseded: bool = False
+
+
+class ConfigDownload:
+    def __init__(
+        self,
+        db: Database,
+        boot: BootService,
+        watcher: ApprovalWatcher,
+        *,
+        long_poll_seconds: float,
+        max_held: int,
+        max_held_per_address: int,
+    ) -> None:
+        self.db = db
+        self.boot = boot
+        self.watcher = watcher
+        self.long_poll_seconds = long_poll_seconds
+        self.max_held = max_held
+        self.max_held_per_address = max_held_per_address
+        self._by_address: Counter[str] = Counter()
+        self._by_device: dict[int, _Held] = {}
+        self._held = 0
+        self.refused_holds = 0  # requests answered at once because a cap was reached (for operators and tests)
+
+    @property
+    def held(self) -> int:
+        return self._held
+
+    async def request(self, claim: Claim, gone: asyncio.Event | None = None) -> Answer:
+        """The answer to one config request. ``gone`` is set by the adapter when the client hangs up."""
+        answer = await self._decide(claim)
+        await self._write(answer.followup)
+        if self.long_poll_seconds <= 0 or not answer.pending:
+            return answer
+        if answer.device_id is None:  # first contact: the row exists now, look again for its id
+            answer = await self._decide(claim)
+            await self._write(answer.followup)
+            if answer.device_id is None or not answer.pending:
+                return answer
+        held = self._hold(answer.device_id, claim.source_ip)
+        if held is None:
+            return answer
+        bridge = asyncio.create_task(_relay(gone, held.event)) if gone is not None else None
+        try:
+            woken = await self.watcher.wait(held.device_id, self.long_poll_seconds, held.event)
+        finally:
+            self._release(held)
+            if bridge is not None:
+                bridge.cancel()
+        if (gone is not None and gone.is_set()) or held.superseded or not woken:
+            return answer  # nobody to answer, a newer request took over, or the wait ended: as without long poll
+        decided = await self._decide(claim)
+        await self._write(decided.followup)
+        return decided
+
+    async def delivered(self, answer: Answer, gone: asyncio.Event | None = None) -> None:
+        """Call after the answer was sent: the download is recorded if the client was still connected."""
+        if answer.delivered is None:
+            return
+        await asyncio.sleep(0)  # a hang-up the server has seen by now is relayed to ``gone`` first
+        if gone is not None and gone.is_set():
+            return
+        await self._write(answer.delivered)
+
+    # -- internals -------------------------------------------------------------------------------------
+
+    async def _decide(self, claim: Claim) -> Answer:
+        # Where reads never block (SQLite in WAL mode) the answer is decided on the event loop; a PostgreSQL
+        # round trip is not something to wait for there.
+        if self.db.nonblocking_reads:
+            return self.boot.decide(claim)
+        return await asyncio.to_thread(self.boot.decide, claim)
+
+    async def _write(self, work: Work | None) -> None:
+        if work is not None:
+            await asyncio.wrap_future(self.db.submit(work))
+
+    def _hold(self, device_id: int, source_ip: str | None) -> _Held | None:
+        address = source_ip or ""
+        if self._held >= self.max_held or self._by_address[address] >= self.max_held_per_address:
+            self.refused_holds += 1
+            return None
+        older = self._by_device.get(device_id)
+        if older is not None:
+            older.superseded = True
+            older.event.set()
+        held = _Held(device_id, address)
+        self._by_device[device_id] = held
+        self._by_address[address] += 1
+        self._held += 1
+        return held
+
+    def _release(self, held: _Held) -> None:
+        self._held -= 1
+        self._by_address[held.address] -= 1
+        if not self._by_address[held.address]:
+            del self._by_address[held.address]
+        if self._by_device.get(held.device_id) is held:
+            del self._by_device[held.device_id]
+
+
+async def _relay(source: asyncio.Event, target: asyncio.Event) -> None:
+    await source.wait()
+    target.set()

@@ -1,0 +1,226 @@
+"""First contact: one use case for every door a machine knocks at without credentials.
+
+Config download, register, iPXE, the DHCP hook and Talos's device flow all land here (and the agent doors will):
+the new-machine budget, create-or-find, binding the identity factors the machine reports, refusing a factor that
+differs from the bound one, touching last_seen, and the audit, each written once. What a door adds is only how it
+answers."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from ktizo.db.models import Device
+from ktizo.db.types import utcnow
+from ktizo.domain.devices import DeviceStatus, MachineKind, Role, Source
+from ktizo.domain.errors import TooManyAttempts, ValidationFailed
+from ktizo.domain.identity import identifying_uuid
+from ktizo.services import audit, refusals
+from ktizo.services.context import Actor
+
+NEW_MACHINE_WINDOW = dt.timedelta(minutes=1)
+# Identity factors a machine reports and is then bound to; a later knock must not contradict them.
+FACTORS = ("uuid", "serial")
+
+
+@dataclass(frozen=True)
+class Knock:
+    """A machine at a door, as the door's adapter parsed it: every value already normalised, None when unknown."""
+
+    door: Source
+    mac: str | None = None
+    machine_id: str | None = None  # agents: /etc/machine-id
+    uuid: str | None = None
+    serial: str | None = None
+    kind: MachineKind = MachineKind.TALOS
+    source_ip: str | None = None
+    facts: Mapping[str, Any] = field(default_factory=dict)
+    lease_ip: str | None = None  # only from the DHCP hook (a local, authenticated helper)
+    actor: Actor | None = None  # default: the machine itself, from source_ip
+
+    def __post_init__(self) -> None:
+        if self.kind is MachineKind.AGENT and not self.machine_id:
+            raise ValidationFailed("an agent is known by its machine-id", "machine_id")
+        if self.kind is MachineKind.TALOS and not self.mac and not self.identifying_uuid:
+            raise ValidationFailed(
+                "the request names no machine: put mac=${mac}&uuid=${uuid} in the talos.config URL", "mac"
+            )
+
+    @property
+    def identifying_uuid(self) -> str | None:
+        return identifying_uuid(self.uuid)
+
+    @property
+    def who(self) -> Actor:
+        return self.actor or Actor.device(self.source_ip)
+
+    @property
+    def subject(self) -> str:
+        """How refusals of this machine are counted: by the identity it claims."""
+        return self.machine_id or self.mac or f"uuid:{self.identifying_uuid}"
+
+    def claimed(self, factor: str) -> str | None:
+        return self.identifying_uuid if factor == "uuid" else self.serial
+
+
+@dataclass(frozen=True)
+class Arrival:
+    device: Device
+    created: bool
+    # Factors the knock claimed that differ from the bound ones ({factor: {"bound", "claimed"}}); nothing was
+    # changed on the machine then, and the refusal is recorded.
+    mismatch: dict[str, dict[str, str | None]] | None = None
+
+
+def check_budget(s: Session, source_ip: str | None, per_minute: int) -> None:
+    """Refuse (429) one more unknown machine from an address that brought ``per_minute`` already this minute.
+
+    Counted by the address each machine was *first* seen from (``first_ip`` never changes): re-touching the same
+    MACs from a second address does not free the first one's budget. Machines already known are never refused,
+    and real machines each have their own address; a rack behind one NAT still gets in, a minute's worth at a
+    time, as Talos retries. Counted in the database, so every replica shares the budget."""
+    if not per_minute or not source_ip:
+        return
+    now = utcnow()
+    since = now - NEW_MACHINE_WINDOW
+    n, oldest = s.execute(
+        select(func.count(), func.min(Device.first_seen)).where(
+            Device.first_ip == source_ip, Device.first_seen >= since
+        )
+    ).one()
+    if n >= per_minute:
+        wait = TooManyAttempts.seconds_until(oldest + NEW_MACHINE_WINDOW, now)
+        raise TooManyAttempts(
+            f"too many new machines from {source_ip} in the last minute ({n}); this one is registered when it asks "
+            f"again in {wait} s",
+            wait,
+        )
+
+
+class FirstContact:
+    def __init__(self, *, new_per_minute: int = 0, touch_interval: float = 0.0) -> None:
+        self.new_per_minute = new_per_minute  # see check_budget
+        self.touch_interval = touch_interval  # seconds between last_seen writes for a machine that keeps knocking
+
+    @staticmethod
+    def find(s: Session, knock: Knock, *, lock: bool = False) -> Device | None:
+        if knock.machine_id:
+            stmt = select(Device).where(Device.machine_id == knock.machine_id)
+        elif knock.mac:
+            stmt = select(Device).where(Device.mac_address == knock.mac)
+        else:  # known only by its SMBIOS UUID (pre-registered that way, or Talos's legacy ?uuid= form)
+            stmt = select(Device).where(Device.uuid == knock.identifying_uuid, Device.mac_address.is_(None))
+        device = s.scalar(stmt.with_for_update() if lock else stmt)
+        if device is None and knock.mac and knock.identifying_uuid and not knock.machine_id:
+            # Pre-registered by UUID alone: this knock tells its MAC.
+            uuid_only = select(Device).where(Device.uuid == knock.identifying_uuid, Device.mac_address.is_(None))
+            device = s.scalar(uuid_only.with_for_update() if lock else uuid_only)
+        return device
+
+    def arrive(self, s: Session, knock: Knock, *, budget: bool = True) -> Arrival:
+        """The machine knocking, found or registered as pending, with what it reported recorded. Raises
+        ``TooManyAttempts`` (only for a machine not known yet) when its address is over the new-machine budget."""
+        device = self.find(s, knock, lock=True)
+        if device is None:
+            if budget:
+                check_budget(s, knock.source_ip, self.new_per_minute)
+            new_id = _insert_ignoring_conflict(s, self._new_row(knock))
+            if new_id is not None:
+                device = s.get(Device, new_id)
+                assert device is not None
+                details: dict[str, Any] = {"source": knock.door.value, "kind": knock.kind.value}
+                if knock.lease_ip:
+                    details["lease_ip"] = knock.lease_ip
+                audit.record(s, knock.who, "register", device, details)
+                return Arrival(device, created=True)
+            # A concurrent first contact made the row (and audited it): carry on with it as a known machine.
+            device = self.find(s, knock, lock=True)
+            if device is None:  # it collided on another identity column (a UUID known without a MAC, say)
+                raise ValidationFailed("another machine already holds this identity", "uuid")
+        mismatch = self._mismatch(device, knock)
+        if mismatch:
+            refusals.refuse(
+                s, knock.who, "identity_mismatch", knock.subject, device, {**mismatch, "door": knock.door.value}
+            )
+            return Arrival(device, created=False, mismatch=mismatch)
+        self._bind(s, device, knock)
+        self._touch(device, knock)
+        return Arrival(device, created=False)
+
+    # -- internals -------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _new_row(knock: Knock) -> dict[str, Any]:
+        now = utcnow()
+        return {
+            "kind": knock.kind.value,
+            "machine_id": knock.machine_id,
+            "mac_address": knock.mac,
+            "uuid": knock.identifying_uuid,
+            "serial": knock.serial,
+            "status": DeviceStatus.PENDING.value,
+            "role": Role.WORKER.value if knock.kind is MachineKind.TALOS else None,
+            "notes": "",
+            "source": knock.door.value,
+            "facts": dict(knock.facts),
+            "first_seen": now,
+            "last_seen": now,
+            "first_ip": knock.source_ip,
+            "last_ip": knock.source_ip,
+            "lease_ip": knock.lease_ip,
+            "revision": 1,
+        }
+
+    @staticmethod
+    def _mismatch(device: Device, knock: Knock) -> dict[str, dict[str, str | None]] | None:
+        found = {}
+        for factor in FACTORS:
+            bound, claimed = getattr(device, factor), knock.claimed(factor)
+            if bound and claimed and bound != claimed:
+                found[factor] = {"bound": bound, "claimed": claimed}
+        return found or None
+
+    @staticmethod
+    def _bind(s: Session, device: Device, knock: Knock) -> None:
+        """Remember identity factors reported for the first time: later knocks must repeat them."""
+        bound = {}
+        if device.mac_address is None and knock.mac and device.kind == MachineKind.TALOS.value:
+            device.mac_address = knock.mac
+            bound["mac_address"] = knock.mac
+        for factor in FACTORS:
+            claimed = knock.claimed(factor)
+            if claimed and not getattr(device, factor):
+                setattr(device, factor, claimed)
+                bound[factor] = claimed
+        if bound:
+            device.revision += 1
+            audit.record(s, knock.who, "bind", device, {**bound, "door": knock.door.value})
+
+    def _touch(self, device: Device, knock: Knock) -> None:
+        now = utcnow()
+        last = device.last_seen
+        if last is None or (now - last).total_seconds() >= self.touch_interval or device.last_ip != knock.source_ip:
+            device.last_seen, device.last_ip = now, knock.source_ip
+        if knock.lease_ip is not None:
+            device.lease_ip = knock.lease_ip
+        # What an unauthenticated caller reports is kept for a machine waiting at the door; an approved machine's
+        # facts are not anyone's to overwrite by naming its MAC.
+        if knock.facts and device.status != DeviceStatus.APPROVED.value:
+            merged = {**(device.facts or {}), **knock.facts}
+            if merged != device.facts:
+                device.facts = merged
+
+
+def _insert_ignoring_conflict(s: Session, values: dict[str, Any]) -> int | None:
+    """INSERT … ON CONFLICT DO NOTHING: concurrent first contacts of one machine make exactly one row.
+
+    Returns the new id, or None when another transaction already made the row."""
+    insert = postgresql.insert if s.get_bind().dialect.name == "postgresql" else sqlite.insert
+    stmt = insert(Device).values(**values).on_conflict_do_nothing().returning(Device.id)
+    return s.execute(stmt).scalar()
