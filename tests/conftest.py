@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from tests.support import TALOS_FIXTURES, bearer, make_token
 PG_URL = os.environ.get("KTIZO_TEST_DATABASE_URL", "")
 TABLES = (
     "audit_events",
+    "refusals",
     "api_tokens",
     "users",
     "group_members",
@@ -43,26 +45,29 @@ def _worker() -> str:
 
 
 @pytest.fixture(scope="session")
-def db_template(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A migrated database made once per session: an SQLite file to copy, or a PostgreSQL schema per worker."""
+def db_template(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A migrated database made once per session: an SQLite file to copy, or a PostgreSQL schema per worker, named
+    for this run too (two runs on one database, two checkouts say, must not share one), dropped at the end."""
     if PG_URL:
-        schema = f"ktizo_test_{_worker()}"
+        schema = f"ktizo_test_{_worker()}_{uuid.uuid4().hex[:8]}"
         admin = create_engine(PG_URL)
         with admin.begin() as conn:
-            conn.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
             conn.execute(text(f"CREATE SCHEMA {schema}"))
-        admin.dispose()
         sep = "&" if "?" in PG_URL else "?"
         url = f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
         db = Database(url)
         upgrade(db)
         db.dispose()
-        return url
+        yield url
+        with admin.begin() as conn:
+            conn.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        admin.dispose()
+        return
     path = tmp_path_factory.mktemp("template") / "ktizo.db"
     db = Database(f"sqlite:///{path}")
     upgrade(db)
     db.dispose()
-    return str(path)
+    yield str(path)
 
 
 @pytest.fixture

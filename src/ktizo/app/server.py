@@ -91,10 +91,9 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
             self.transport.close()
 
 
-def serve(settings: Settings, services: Services, max_connections: int) -> None:
-    """Run until interrupted."""
+def server_config(settings: Settings, services: Services, max_connections: int) -> uvicorn.Config:
     protocol = type("KtizoHttpProtocol", (HeaderTimeoutProtocol,), {"header_timeout": settings.header_timeout_seconds})
-    config = uvicorn.Config(
+    return uvicorn.Config(
         create_app(settings, services),
         host=settings.host,
         port=settings.port,
@@ -107,4 +106,8 @@ def serve(settings: Settings, services: Services, max_connections: int) -> None:
         # Long-polled config requests would otherwise hold a shutdown for up to KTIZO_LONG_POLL_SECONDS.
         timeout_graceful_shutdown=5,
     )
-    uvicorn.Server(config).run()
+
+
+def serve(settings: Settings, services: Services, max_connections: int) -> None:
+    """Run until interrupted."""
+    uvicorn.Server(server_config(settings, services, max_connections)).run()

@@ -234,11 +234,10 @@ class Database:
         edge's ``transaction()``, a savepoint of that one."""
         tx = current_transaction()
         if tx is None:
-            try:
-                with self._write() as session, session.begin():
-                    yield session
-            except IntegrityError as exc:
-                raise conflict_for(exc) from None
+            # A transaction of its own is a transaction like the edge's: what waits for its commit (waking a
+            # held request) runs after it, and nested blocks join it.
+            with transaction() as own:
+                yield own.session(self)
             return
         session = tx.session(self)
         try:
