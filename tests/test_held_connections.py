@@ -16,8 +16,8 @@ import httpx
 import pytest
 import uvicorn
 
-from ktizo.app.wiring import build_services
 from ktizo.app.server import connection_limit, raise_file_limit, server_config
+from ktizo.app.wiring import build_services
 from ktizo.domain.users import UserRole
 from ktizo.services.audit import AuditQuery
 from ktizo.services.context import Actor

@@ -87,10 +87,9 @@ def test_stop_terminates_the_child(tmp_path: Path) -> None:
     _wait_for(s.running.is_set)
     pid = s.pid
     assert pid is not None
-    started = time.monotonic()
     stop.set()
-    thread.join(timeout=10)
-    assert time.monotonic() - started < 5 and not errors
+    thread.join(timeout=30)  # gives up, measures nothing: the child sleeps for 60 s unless it is stopped
+    assert not thread.is_alive() and not errors
     assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[-1][:3]
 
 

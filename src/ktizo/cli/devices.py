@@ -7,7 +7,17 @@ from typing import Annotated, Any
 
 import typer
 
-from ktizo.cli.common import choices, fail, print_json, print_table, reports_errors, resolve_device, state, warn
+from ktizo.cli.common import (
+    choices,
+    fail,
+    print_json,
+    print_table,
+    reports_errors,
+    resolve_device,
+    safe,
+    state,
+    warn,
+)
 from ktizo.domain.devices import DeviceStatus, Role
 from ktizo.domain.errors import InvalidTransition
 from ktizo.domain.identity import normalize_hostname, normalize_interface_address
@@ -26,6 +36,8 @@ Hostname = Annotated[str | None, typer.Option(metavar="NAME", help="RFC 1123 hos
 Ip = Annotated[str | None, typer.Option(metavar="CIDR", help="Static address in CIDR form, e.g. 10.0.5.100/24")]
 _FIELDS = (
     "id",
+    "kind",
+    "machine_id",
     "mac_address",
     "status",
     "role",
@@ -93,6 +105,11 @@ def approval_changes(hostname: str | None, ip: str | None, role: Role | None, no
     return changes
 
 
+def warn_all(warnings: list[str]) -> None:
+    for warning in warnings:
+        warn(safe(warning))
+
+
 def warn_without_base(services: Services, role: str | None) -> None:
     """Approval succeeds without a base config for the role, but the machine then gets 503 until there is one."""
     if role is None:  # an agent host gets a certificate, not a Talos config
@@ -148,8 +165,8 @@ def _shown(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, dict):
-        return ", ".join(f"{k}={v}" for k, v in value.items())
-    return str(value)
+        return safe(", ".join(f"{k}={v}" for k, v in value.items()))
+    return safe(value)
 
 
 @app.command()
@@ -169,13 +186,13 @@ def show(ctx: typer.Context, ref: Ref, as_json: Json = False) -> None:
     for key, value in data.items():
         typer.echo(f"{key + ':':<22}{_shown(value)}".rstrip())
     shown_groups = ", ".join(f"{g['name']} (by {g['by']})" for g in groups)
-    typer.echo(f"{'groups:':<22}{shown_groups}".rstrip())
+    typer.echo(f"{'groups:':<22}{safe(shown_groups)}".rstrip())
     for nic in nics:
         gateway = f" via {nic['gateway']}" if nic.get("gateway") else ""
-        typer.echo(f"{'extra nic:':<22}{nic['mac']} {', '.join(nic.get('addresses') or [])}{gateway}")
+        typer.echo(f"{'extra nic:':<22}{safe(nic['mac'])} {safe(', '.join(nic.get('addresses') or []))}{safe(gateway)}")
     typer.echo("patch:")
     for line in (patch or "").rstrip("\n").splitlines():
-        typer.echo(f"  {line}")
+        typer.echo(f"  {safe(line)}")
 
 
 @app.command()
@@ -208,6 +225,41 @@ def approve(
         + (f", ip {device.ip_address}" if device.ip_address else "")
     )
     warn_without_base(services, device.role)
+    warn_all(services.devices.warnings(device))
+
+
+@app.command()
+@reports_errors
+def add(
+    ctx: typer.Context,
+    mac: Annotated[str, typer.Argument(metavar="MAC", help="The MAC address of the NIC the machine boots from")],
+    hostname: Hostname = None,
+    ip: Ip = None,
+    role: Annotated[Role, typer.Option(help="[default: worker]", **choices(Role))] = Role.WORKER,
+    label: Annotated[
+        list[str] | None, typer.Option("--label", metavar="KEY=VALUE", help="A label (repeat); groups select by label")
+    ] = None,
+    notes: Notes = None,
+) -> None:
+    """Pre-register a machine before it boots.
+
+    It waits as pending like any other: approve it now (`ktizo devices approve MAC`) or when it appears."""
+    labels = {}
+    for pair in label or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--label")
+        labels[key] = value
+    changes = DeviceChanges(mac_address=mac, role=role, labels=labels)
+    if hostname is not None:
+        changes.hostname = hostname
+    if ip is not None:
+        changes.ip_address = ip
+    if notes is not None:
+        changes.notes = notes
+    services = state(ctx).services()
+    device = services.devices.create(Actor.cli(), changes)
+    typer.echo(f"added device {device.id} ({device.mac_address}) as pending {device.role}")
 
 
 @app.command()
@@ -316,6 +368,7 @@ def edit(
         changes.notes = notes
     device = services.devices.update(Actor.cli(), device.id, changes)
     typer.echo(f"updated device {device.id} (revision {device.revision})")
+    warn_all(services.devices.warnings(device))
 
 
 @app.command("approve-code")
@@ -336,6 +389,7 @@ def approve_code(
     device = services.console_codes.approve(Actor.cli(), code, changes)
     typer.echo(f"approved device {device.id} ({device.mac_address}) for console code {code.upper()}")
     warn_without_base(services, device.role)
+    warn_all(services.devices.warnings(device))
 
 
 @app.command()

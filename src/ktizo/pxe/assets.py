@@ -152,6 +152,14 @@ def download(
                         progress(done, total)
                 out.flush()
                 os.fsync(out.fileno())
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        # Nothing was transferred: no name resolution, no route, or nobody listening. Resuming is not the point.
+        host = httpx.URL(url).host
+        raise AssetError(
+            f"{url}: cannot reach {host} ({exc}). Without internet access on this machine, download the files "
+            "elsewhere and bring them in with `ktizo assets import DIR`, or point KTIZO_ASSETS_BASE_URL (or "
+            "--base-url) at a mirror you can reach"
+        ) from exc
     except (httpx.TransportError, httpx.StreamError) as exc:
         got = part.stat().st_size if part.exists() else 0
         raise IncompleteDownload(

@@ -342,6 +342,18 @@ class ClusterService:
         """Validate a candidate base config the way Talos will read it; raise ``ValidationFailed`` if it is not."""
         documents = load_documents(data)
         validate_documents(documents)
+        try:
+            # The fields every machine config needs, checked here as they are for a patched config: otherwise a
+            # base without them is taken while no group exists, and refused later in a group patch's name.
+            check_patch_result(documents)
+        except ValidationFailed as exc:
+            if exc.field and "is missing from the patched config" in exc.message:
+                raise ValidationFailed(
+                    f"the base config has no {exc.field}: every Talos machine config needs it (a config made by "
+                    "`talosctl gen config` or `ktizo cluster generate` has it)",
+                    exc.field,
+                ) from None
+            raise
         kind = machine_type(documents)
         if not _accepts(role, kind):
             raise ValidationFailed(

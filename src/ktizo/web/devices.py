@@ -349,9 +349,10 @@ def _after_change(request: Request, device_id: int, message: str) -> Response:
     return response
 
 
-def _approved_message(device: Device) -> str:
+def _approved_message(device: Device, warnings: list[str]) -> str:
     parts = [device.hostname or "(Talos picks the hostname)", device.ip_address or "DHCP", device.role or device.kind]
-    return "Approved as " + " · ".join(parts) + ". It gets its config on its next request."
+    message = "Approved as " + " · ".join(parts) + ". It gets its config on its next request."
+    return message + "".join(f" Warning: {w}." for w in warnings)
 
 
 @router.post("/ui/devices/{device_id:id}/approve")
@@ -365,9 +366,10 @@ def device_approve(request: Request, device_id: int, user: CurrentUser, form: Ch
         except KtizoError as exc:
             note_error(errors, exc, APPROVE_FIELDS)
         else:
+            message = _approved_message(device, services.devices.warnings(device))
             if is_htmx(request):
-                return _device_row(request, user, device, message=_approved_message(device), with_counts=True)
-            return _after_change(request, device_id, _approved_message(device))
+                return _device_row(request, user, device, message=message, with_counts=True)
+            return _after_change(request, device_id, message)
     device = services.devices.get(device_id)
     if is_htmx(request):
         return _device_row(request, user, device, status_code=422, editor=True, values=values, errors=errors)
@@ -432,18 +434,23 @@ def detail_response(
             "notes": device.notes or "",
         },
         "approve_errors": {},
-        "edit_values": {
-            "hostname": device.hostname or "",
-            "ip_address": device.ip_address or "",
-            "role": device.role,
-            "notes": device.notes or "",
-            "install_disk": device.install_disk or "",
-            "labels": "\n".join(f"{k}={v}" for k, v in sorted((device.labels or {}).items())),
-        },
+        "edit_values": _edit_values(device),
         "edit_errors": {},
     }
     context.update(extra)
     return page(request, "devices/detail.html", user, nav="devices", status_code=status_code, **context)
+
+
+def _edit_values(device: Device) -> dict[str, Any]:
+    return {
+        "hostname": device.hostname or "",
+        "ip_address": device.ip_address or "",
+        "role": device.role,
+        "notes": device.notes or "",
+        "install_disk": device.install_disk or "",
+        "labels": "\n".join(f"{k}={v}" for k, v in sorted((device.labels or {}).items())),
+        "revision": str(device.revision),
+    }
 
 
 @router.get("/ui/devices/{device_id:id}")
@@ -474,6 +481,10 @@ def device_edit(request: Request, device_id: int, user: CurrentUser, form: Check
     services = services_of(request)
     device = services.devices.get(device_id)
     values = {name: text(form, name, 4096) for name in EDIT_FIELDS}
+    revision_text = text(form, "revision", 12)
+    # The revision the operator's form was drawn from: a change someone made since is not silently reverted.
+    seen_revision = int(revision_text) if revision_text.isdecimal() else None
+    values["revision"] = revision_text
     errors: Errors = {}
     changes = DeviceChanges()
     wanted: dict[str, Any] = {
@@ -500,12 +511,16 @@ def device_edit(request: Request, device_id: int, user: CurrentUser, form: Check
         if changes.notes is not UNSET and changes.notes is None:
             changes.notes = ""
         try:
-            services.devices.update(user.actor, device_id, changes)
+            updated = services.devices.update(user.actor, device_id, changes, expected_revision=seen_revision)
         except KtizoError as exc:
             note_error(errors, exc, EDIT_FIELDS)
+            if getattr(exc, "field", None) == "revision":
+                device = services.devices.get(device_id)
+                values = {**_edit_values(device), "revision": str(device.revision)}  # what it is now
         else:
             changed = ", ".join(name.replace("_", " ") for name, _ in changes.items()) or "nothing"
-            return _after_change(request, device_id, f"Saved ({changed} changed).")
+            warnings = "".join(f" Warning: {w}." for w in services.devices.warnings(updated))
+            return _after_change(request, device_id, f"Saved ({changed} changed).{warnings}")
     return detail_response(
         request, user, device, status_code=422, edit_values=values, edit_errors=errors, edit_open=True
     )

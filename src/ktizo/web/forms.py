@@ -39,9 +39,15 @@ def note_error(errors: Errors, exc: KtizoError, fields: Iterable[str]) -> None:
     form errors: they propagate and become a 403 page."""
     if isinstance(exc, PermissionDenied):
         raise exc
+    known = set(fields)
+    # A conflict may name several fields at once (a hostname and a static IP both taken): each gets its own.
+    named = getattr(exc, "fields", None) or {}
+    if len(named) > 1 and all(name in known for name in named):
+        errors.update(named)
+        return
     field = getattr(exc, "field", None)
     head = field.split(".")[0] if field else None
-    if head and head in set(fields):
+    if head and head in known:
         errors[head] = exc.message
     else:
         errors["_"] = str(exc)

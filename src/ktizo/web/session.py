@@ -111,6 +111,13 @@ async def checked_form(request: Request, user: CurrentUser) -> FormData:
 CheckedForm = Annotated[FormData, Depends(checked_form)]
 
 
+def served_over_https(request: Request) -> bool:
+    """Whether the browser reaches Ktizo over TLS: the request's own scheme, or the public URL's (behind a
+    TLS-terminating proxy the request arrives as plain HTTP). Cookies are then ``Secure``: never sent in clear."""
+    public_url: str | None = getattr(request.app.state, "settings", None) and request.app.state.settings.public_url
+    return request.url.scheme == "https" or bool(public_url and public_url.lower().startswith("https://"))
+
+
 def set_session(request: Request, response: Response, token: str) -> None:
     response.set_cookie(
         SESSION_COOKIE,
@@ -119,7 +126,7 @@ def set_session(request: Request, response: Response, token: str) -> None:
         path=COOKIE_PATH,
         httponly=True,
         samesite="lax",
-        secure=request.url.scheme == "https",
+        secure=served_over_https(request),
     )
 
 
@@ -141,7 +148,7 @@ def set_login_nonce(request: Request, response: Response, nonce: str) -> None:
         path=COOKIE_PATH,
         httponly=True,
         samesite="strict",
-        secure=request.url.scheme == "https",
+        secure=served_over_https(request),
     )
 
 
