@@ -22,8 +22,9 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ktizo.domain.errors import ValidationFailed
+from ktizo.pki.certs import load_private_key
 from ktizo.talos.generate import ClusterInput, generate_config, generate_configs
-from ktizo.talos.secrets import SecretsBundle, generate_secrets, load_private_key, load_secrets
+from ktizo.talos.secrets import SecretsBundle, generate_secrets, load_secrets
 from ktizo.talos.talosconfig import ADMIN_CERT_VALIDITY, make_talosconfig
 from ktizo.talos.versions import TalosVersion
 from ktizo.talos.yamlio import dump_documents, load_documents

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ktizo.domain.errors import ValidationFailed
+from ktizo.pki.certs import load_private_key, pem_ed25519_to_pkcs8, talos_ed25519_pem
 from ktizo.talos.secrets import (
     CA_VALIDITY,
     MAX_SECRETS_BYTES,
@@ -26,10 +27,7 @@ from ktizo.talos.secrets import (
     dump_secrets,
     generate_secrets,
     generate_token,
-    load_private_key,
     load_secrets,
-    pem_ed25519_to_pkcs8,
-    talos_ed25519_pem,
 )
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "talos"

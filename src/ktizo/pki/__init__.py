@@ -1,1 +1,2 @@
-"""Cryptography Ktizo does for itself: sealing secrets at rest (and, later, its CA and CSR signing)."""
+"""Cryptography Ktizo does for itself: certificates and keys (Talos's CAs, later its own CA and CSR signing), and
+sealing secrets at rest. No storage, no framework."""

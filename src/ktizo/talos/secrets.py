@@ -19,7 +19,6 @@ from typing import Any
 
 import yaml
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
@@ -27,6 +26,17 @@ from cryptography.x509.name import _ASN1Type
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ktizo.domain.errors import ValidationFailed
+from ktizo.pki.certs import (
+    PEM_CERTIFICATE,
+    cert_pem,
+    ec_pem,
+    key_usage,
+    load_private_key,
+    pem_label,
+    public_der,
+    serial_number,
+    talos_ed25519_pem,
+)
 
 try:
     from yaml import CSafeDumper as _SafeDumper
@@ -43,16 +53,6 @@ CA_VALIDITY = timedelta(hours=87600)
 # kubeadm bootstrap-token format, which Talos also uses for the trustd token.
 TOKEN_PATTERN = re.compile(r"[0-9a-z]{6}\.[0-9a-z]{16}")
 _ID_CHARS = "0123456789abcdefghijklmnopqrstuvwxyz"
-
-PEM_CERTIFICATE = "CERTIFICATE"
-PEM_RSA_PRIVATE = "RSA PRIVATE KEY"
-PEM_EC_PRIVATE = "EC PRIVATE KEY"
-PEM_ED25519_PRIVATE = "ED25519 PRIVATE KEY"
-PEM_PKCS8_PRIVATE = "PRIVATE KEY"
-
-_PEM_BLOCK = re.compile(
-    rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n([A-Za-z0-9+/=\r\n]*?)-----END \1-----\r?\n?",
-)
 
 _CA_SUBJECTS = {
     "os": "talos",
@@ -102,68 +102,6 @@ class SecretsBundle:
     aescbc_encryption_secret: str = ""
 
 
-# --- PEM helpers -----------------------------------------------------------------------------------------
-
-
-def pem_ed25519_to_pkcs8(pem: bytes) -> bytes:
-    """Relabel Talos's ``ED25519 PRIVATE KEY`` PEM as ``PRIVATE KEY``; the body is PKCS#8 DER either way."""
-    return pem.replace(b"-----BEGIN ED25519 PRIVATE KEY-----", b"-----BEGIN PRIVATE KEY-----").replace(
-        b"-----END ED25519 PRIVATE KEY-----", b"-----END PRIVATE KEY-----"
-    )
-
-
-def talos_ed25519_pem(key: ed25519.Ed25519PrivateKey) -> bytes:
-    """PKCS#8 PEM of an Ed25519 key under the label Talos (siderolabs/crypto) writes and expects."""
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    return pem.replace(b"-----BEGIN PRIVATE KEY-----", b"-----BEGIN ED25519 PRIVATE KEY-----").replace(
-        b"-----END PRIVATE KEY-----", b"-----END ED25519 PRIVATE KEY-----"
-    )
-
-
-def pem_label(pem: bytes) -> str:
-    """The label of the single PEM block in ``pem``; ``ValueError`` unless there is exactly one."""
-    stripped = pem.strip()
-    match = _PEM_BLOCK.fullmatch(stripped + b"\n")
-    if match is None:
-        count = len(_PEM_BLOCK.findall(pem))
-        # A second block or stray text would be silently ignored by Go's pem.Decode; refuse the ambiguity.
-        raise ValueError("not a single PEM block" if count != 1 else "text around the PEM block")
-    return match.group(1).decode("ascii")
-
-
-def load_private_key(pem: bytes) -> CertificateIssuerPrivateKeyTypes:
-    """Parse a private key under any label Talos reads (RSA/EC traditional, Ed25519, PKCS#8).
-
-    Raises ``ValueError`` for anything else, including encrypted keys and key types Talos cannot sign with.
-    """
-    label = pem_label(pem)
-    if label == PEM_ED25519_PRIVATE:
-        pem = pem_ed25519_to_pkcs8(pem)
-    elif label not in (PEM_RSA_PRIVATE, PEM_EC_PRIVATE, PEM_PKCS8_PRIVATE):
-        raise ValueError(f"PEM label {label!r} is not a private key label Talos reads")
-    try:
-        key = serialization.load_pem_private_key(pem, password=None)
-    except TypeError:
-        raise ValueError("the key is encrypted; Talos needs it unencrypted") from None
-    except (ValueError, UnsupportedAlgorithm):
-        # cryptography's own message is a parser trace; the label is what the user can act on.
-        raise ValueError(f"the {label} block does not hold a key in the format its label names") from None
-    expected: dict[str, tuple[type, ...]] = {
-        PEM_RSA_PRIVATE: (rsa.RSAPrivateKey,),
-        PEM_EC_PRIVATE: (ec.EllipticCurvePrivateKey,),
-        PEM_ED25519_PRIVATE: (ed25519.Ed25519PrivateKey,),
-        PEM_PKCS8_PRIVATE: (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey),
-    }
-    if not isinstance(key, expected[label]):
-        raise ValueError(f"a {type(key).__name__} under the PEM label {label!r}")
-    return key  # type: ignore[return-value]  # narrowed by the isinstance check above
-
-
-def _public_der(key: Any) -> bytes:
-    der: bytes = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return der
-
-
 # --- generation ------------------------------------------------------------------------------------------
 
 
@@ -171,29 +109,6 @@ def generate_token() -> str:
     """A ``[0-9a-z]{6}.[0-9a-z]{16}`` token, as Talos's genToken(6, 16) makes bootstrap and trustd tokens."""
     pick = _random.choice
     return "".join(pick(_ID_CHARS) for _ in range(6)) + "." + "".join(pick(_ID_CHARS) for _ in range(16))
-
-
-def key_usage(*, cert_sign: bool) -> x509.KeyUsage:
-    """Digital signature always; certificate signing for CAs. Talos sets nothing else."""
-    return x509.KeyUsage(
-        digital_signature=True,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=cert_sign,
-        crl_sign=False,
-        encipher_only=False,
-        decipher_only=False,
-    )
-
-
-def serial_number() -> int:
-    # siderolabs/crypto draws below 2**128; X.509 wants a positive serial, so zero is drawn again.
-    while True:
-        serial = _random.randbelow(1 << 128)
-        if serial:
-            return serial
 
 
 def _self_signed_ca(key: CertificateIssuerPrivateKeyTypes, organization: str | None, now: datetime) -> x509.Certificate:
@@ -227,21 +142,9 @@ def _self_signed_ca(key: CertificateIssuerPrivateKeyTypes, organization: str | N
     return builder.sign(key, algorithm)
 
 
-def _cert_pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _ec_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    )
-
-
 def _ecdsa_ca(organization: str | None, now: datetime) -> CertAndKey:
     key = ec.generate_private_key(ec.SECP256R1())
-    return CertAndKey(_cert_pem(_self_signed_ca(key, organization, now)), _ec_pem(key))
+    return CertAndKey(cert_pem(_self_signed_ca(key, organization, now)), ec_pem(key))
 
 
 def _random_b64(*, urlsafe: bool = False) -> str:
@@ -257,7 +160,7 @@ def generate_secrets(*, now: datetime | None = None) -> SecretsBundle:
     """
     moment = (now or datetime.now(UTC)).astimezone(UTC).replace(microsecond=0)
     os_key = ed25519.Ed25519PrivateKey.generate()
-    os_ca = CertAndKey(_cert_pem(_self_signed_ca(os_key, _CA_SUBJECTS["os"], moment)), talos_ed25519_pem(os_key))
+    os_ca = CertAndKey(cert_pem(_self_signed_ca(os_key, _CA_SUBJECTS["os"], moment)), talos_ed25519_pem(os_key))
     sa_key = rsa.generate_private_key(public_exponent=65537, key_size=4096)
     return SecretsBundle(
         # Talos v1.13 writes the cluster id URL-safe (v1.14 switches to std); both decode the same.
@@ -476,7 +379,7 @@ def _ca_pair(certs: Mapping[str, Any], name: str, kind: str) -> CertAndKey:
         raise ValidationFailed("is not a CA certificate (needs basicConstraints CA:TRUE)", f"{path}.crt")
     _check_key_type(cert.public_key(), kind, f"{path}.crt")
     _check_key_type(private, kind, f"{path}.key")
-    if _public_der(private.public_key()) != _public_der(cert.public_key()):
+    if public_der(private.public_key()) != public_der(cert.public_key()):
         raise ValidationFailed(f"does not belong to the certificate {path}.crt", f"{path}.key")
     return CertAndKey(crt, key)
 

@@ -18,7 +18,8 @@ from cryptography.x509.name import _ASN1Type
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ktizo.domain.errors import ValidationFailed
-from ktizo.talos.secrets import SecretsBundle, key_usage, serial_number, talos_ed25519_pem
+from ktizo.pki.certs import key_usage, serial_number, talos_ed25519_pem
+from ktizo.talos.secrets import SecretsBundle
 
 try:
     from yaml import CSafeDumper as _SafeDumper
