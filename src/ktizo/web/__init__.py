@@ -10,7 +10,9 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
-from ktizo.web import audit, auth, bulk, cluster, codes, devices, routing, users
+# device_forms first: it registers the {id} path convertor the routes of the others compile with.
+from ktizo.web import device_forms  # noqa: F401  isort: skip
+from ktizo.web import audit, auth, bulk, cluster, codes, device_detail, devices, routing, users
 
 STATIC = Path(__file__).parent / "static"
 
@@ -18,7 +20,7 @@ STATIC = Path(__file__).parent / "static"
 def mount(app: FastAPI) -> None:
     """Add the UI's routes and its static files (htmx, CSS, JS; nothing from a CDN) to ``app``."""
     app.mount("/ui/static", StaticFiles(directory=STATIC), name="ui-static")
-    for module in (auth, bulk, devices, codes, cluster, audit, users):
+    for module in (auth, bulk, devices, device_detail, codes, cluster, audit, users):
         app.include_router(module.router)
 
     async def page_or_json(request: Request, exc: Exception) -> Response:

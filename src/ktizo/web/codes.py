@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 
 from ktizo.domain.errors import KtizoError, NotFound, ValidationFailed
-from ktizo.web.devices import APPROVE_FIELDS, _approve_changes, network_hint
+from ktizo.web.device_forms import APPROVE_FIELDS, approve_changes, network_hint
 from ktizo.web.forms import Errors, note_error, text
 from ktizo.web.routing import WebRoute
 from ktizo.web.session import CheckedForm, CurrentUser, WebUser, services_of
@@ -61,7 +61,7 @@ def approve_by_code(request: Request, user: CurrentUser, form: CheckedForm) -> R
     services = services_of(request)
     code = text(form, "code", 16).strip()
     errors: Errors = {}
-    changes, values = _approve_changes(form, errors)
+    changes, values = approve_changes(form, errors)
     device = None
     code_refused = False
     if not errors:

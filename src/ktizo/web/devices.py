@@ -1,56 +1,39 @@
-"""Device Management: the list with its tabs, search, sorting, paging and polling; approve/reject in place;
-the detail page with history, config preview, edit, delete, revoke and unbind.
-
-Approve by console code (issue #5 item 7) belongs here too, once the OAuth device flow of issue #4 exists:
-a field for the code a Talos console shows, the machine it belongs to, and the same approve form. See the
-marked place in ``templates/devices/list.html``."""
+"""Device Management: the list with its tabs, search, sorting, paging and polling, and approve/reject in place
+(the detail page is ``device_detail``; what both share, ``device_forms``)."""
 
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
-from starlette.convertors import Convertor, register_url_convertor
 from starlette.datastructures import QueryParams
 
 from ktizo.domain.bounds import as_utc
 from ktizo.domain.clock import now as utcnow
-from ktizo.domain.devices import DeviceStatus, Role
-from ktizo.domain.errors import KtizoError, NotFound, ValidationFailed
-from ktizo.domain.identity import normalize_hostname, normalize_interface_address
-from ktizo.services.audit import AuditQuery
-from ktizo.services.devices import UNSET, DeviceChanges, DeviceQuery
-from ktizo.services.groups import normalize_labels
+from ktizo.domain.devices import DeviceStatus
+from ktizo.domain.errors import KtizoError, ValidationFailed
+from ktizo.services.devices import DeviceQuery
 from ktizo.services.records import Device
 from ktizo.services.registry import Services
-from ktizo.web.forms import Errors, note_error, parse, text, too_long
+from ktizo.web.device_detail import detail_response
+from ktizo.web.device_forms import (
+    APPROVE_FIELDS,
+    ROLE_OPTIONS,
+    after_change,
+    approve_changes,
+    approved_message,
+    arch,
+    hardware,
+    network_hint,
+)
+from ktizo.web.forms import Errors, note_error, text, too_long
 from ktizo.web.routing import WebRoute, is_htmx
 from ktizo.web.session import CheckedForm, CurrentUser, WebUser, services_of
-from ktizo.web.templating import fragment, page, set_flash
-
-
-class IdConvertor(Convertor[int]):
-    """``{name:id}`` in a UI path: a row id, digits as for ``{name:int}``, but at most 100 of them.
-
-    Starlette's ``int`` calls ``int()`` while matching routes, before any sign-in check, and ``int()`` refuses
-    more than 4300 digits with ValueError: a 500 for anyone. An id has at most 10 digits (the services answer
-    "not found" for any number beyond the id range); a longer path matches no route and is a plain 404."""
-
-    regex = "[0-9]{1,100}"
-
-    def convert(self, value: str) -> int:
-        return int(value)
-
-    def to_string(self, value: int) -> str:
-        return str(value)
-
-
-register_url_convertor("id", IdConvertor())  # before the routes below (and in web.users) compile their paths
+from ktizo.web.templating import fragment, page
 
 router = APIRouter(route_class=WebRoute, include_in_schema=False)
 
@@ -67,11 +50,6 @@ SORTS = {
 }
 PER_PAGE = (25, 50, 100, 200)
 _side = ThreadPoolExecutor(max_workers=8, thread_name_prefix="ktizo-ui")  # threads start on first use
-ROLE_OPTIONS = [("worker", "worker"), ("controlplane", "controlplane")]
-APPROVE_FIELDS = ("hostname", "ip_address", "role", "notes")
-EDIT_FIELDS = (*APPROVE_FIELDS, "install_disk", "labels")
-HARDWARE_FACTS = ("manufacturer", "vendor", "product", "model")
-ARCH_FACTS = ("arch", "architecture", "platform")
 
 
 @dataclass(frozen=True)
@@ -148,51 +126,6 @@ class ListParams:
         if key == self.sort:
             return self.args(dir="asc" if self.desc else "desc", page=1)
         return self.args(sort=key, dir="desc" if key in ("seen", "last_seen") else "asc", page=1)
-
-
-def hardware(device: Device) -> str:
-    facts = device.facts or {}
-    parts = [str(facts[k]) for k in HARDWARE_FACTS if facts.get(k)]
-    return " ".join(dict.fromkeys(parts))  # manufacturer and vendor are often the same string
-
-
-def arch(device: Device) -> str:
-    facts = device.facts or {}
-    return next((str(facts[k]) for k in ARCH_FACTS if facts.get(k)), "")
-
-
-def network_hint(services: Services) -> tuple[str, str]:
-    """(placeholder, hint) for the IP address field: the network the cluster's machines live in, as far as
-    the gateway and the addresses already handed out tell."""
-    gateway_text = services.cluster.settings().gateway
-    gateway = ipaddress.ip_address(gateway_text) if gateway_text else None
-    network = None
-    recent, _ = services.devices.list(DeviceQuery(status=DeviceStatus.APPROVED, limit=25, order="id", descending=True))
-    for device in recent:
-        if not device.ip_address:
-            continue
-        try:
-            candidate = ipaddress.ip_interface(device.ip_address).network
-        except ValueError:
-            continue
-        if gateway is None or gateway in candidate:
-            network = candidate
-            break
-    if network is None and gateway is not None and gateway.version == 4:
-        network = ipaddress.ip_network(f"{gateway}/24", strict=False)
-        guessed = True
-    else:
-        guessed = False
-    if network is None:
-        return "10.0.5.100/24", "CIDR form, e.g. 10.0.5.100/24. Leave empty to keep DHCP."
-    if network.version == 4:
-        placeholder = ".".join(str(network.network_address).split(".")[:3]) + f".x/{network.prefixlen}"
-    else:
-        placeholder = f"{network.network_address}x/{network.prefixlen}"
-    parts = [f"CIDR form, e.g. {placeholder}."]
-    parts.append(f"{'Probably n' if guessed else 'N'}etwork {network}")
-    parts[-1] += f", gateway {gateway}." if gateway else "."
-    return placeholder, " ".join(parts)
 
 
 def row_context(user: WebUser, **extra: Any) -> dict[str, Any]:
@@ -325,51 +258,21 @@ def device_row(request: Request, device_id: int, user: CurrentUser) -> Response:
     return _device_row(request, user, device, editor=editor, values=values)
 
 
-def _approve_changes(form: Any, errors: Errors) -> tuple[DeviceChanges, dict[str, str]]:
-    values = {name: text(form, name, 4096 if name == "notes" else 255) for name in APPROVE_FIELDS}
-    changes = DeviceChanges()
-    if values["hostname"]:
-        changes.hostname = parse(errors, "hostname", values["hostname"], normalize_hostname)
-    if values["ip_address"]:
-        changes.ip_address = parse(errors, "ip_address", values["ip_address"], normalize_interface_address)
-    if values["role"]:
-        if values["role"] in Role.__members__.values():
-            changes.role = Role(values["role"]).value
-        else:
-            errors["role"] = "choose controlplane or worker"
-    too_long(errors, "notes", values["notes"], 4096)
-    changes.notes = values["notes"]
-    return changes, values
-
-
-def _after_change(request: Request, device_id: int, message: str) -> Response:
-    """Post/redirect/get back to the device's page, with the outcome as a one-time notice."""
-    response = RedirectResponse(f"/ui/devices/{device_id}", status_code=303)
-    set_flash(response, message)
-    return response
-
-
-def _approved_message(device: Device, warnings: list[str]) -> str:
-    parts = [device.hostname or "(Talos picks the hostname)", device.ip_address or "DHCP", device.role or device.kind]
-    message = "Approved as " + " · ".join(parts) + ". It gets its config on its next request."
-    return message + "".join(f" Warning: {w}." for w in warnings)
-
-
 @router.post("/ui/devices/{device_id:id}/approve")
 def device_approve(request: Request, device_id: int, user: CurrentUser, form: CheckedForm) -> Response:
     services = services_of(request)
     errors: Errors = {}
-    changes, values = _approve_changes(form, errors)
+    changes, values = approve_changes(form, errors)
     if not errors:
         try:
             device = services.devices.approve(user.actor, device_id, changes)
         except KtizoError as exc:
             note_error(errors, exc, APPROVE_FIELDS)
         else:
-            message = _approved_message(device, services.devices.warnings(device))
+            message = approved_message(device, services.devices.warnings(device))
             if is_htmx(request):
                 return _device_row(request, user, device, message=message, with_counts=True)
-            return _after_change(request, device_id, message)
+            return after_change(request, device_id, message)
     device = services.devices.get(device_id)
     if is_htmx(request):
         return _device_row(request, user, device, status_code=422, editor=True, values=values, errors=errors)
@@ -393,156 +296,9 @@ def device_reject(request: Request, device_id: int, user: CurrentUser, form: Che
             message = f"{verb}: it gets nothing from Ktizo until someone approves it again."
             if is_htmx(request):
                 return _device_row(request, user, device, message=message, with_counts=True)
-            return _after_change(request, device_id, message)
+            return after_change(request, device_id, message)
     device = services.devices.get(device_id)
     values = {name: text(form, name, 4096) for name in APPROVE_FIELDS}
     if is_htmx(request):
         return _device_row(request, user, device, status_code=422, editor=True, values=values, errors=errors)
     return detail_response(request, user, device, status_code=422, approve_values=values, approve_errors=errors)
-
-
-# -- the detail page -----------------------------------------------------------------------------------------
-
-
-def detail_response(
-    request: Request, user: WebUser, device: Device, *, status_code: int = 200, **extra: Any
-) -> Response:
-    services = services_of(request)
-    history, history_total = services.audit.list(AuditQuery(device_id=device.id, limit=50))
-    config = config_error = None
-    if user.can_operate:
-        try:
-            config = services.preview.config(user.actor, device.id)
-        except KtizoError as exc:  # no base config yet, cluster not set up: say so where the preview would be
-            config_error = str(exc)
-    placeholder, hint = network_hint(services)
-    context: dict[str, Any] = {
-        "d": device,
-        "history": history,
-        "history_total": history_total,
-        "config": config,
-        "config_error": config_error,
-        "ip_placeholder": placeholder,
-        "ip_hint": hint,
-        "role_options": ROLE_OPTIONS,
-        "hardware": hardware,
-        "arch": arch,
-        "approve_values": {
-            "hostname": device.hostname or "",
-            "ip_address": device.ip_address or "",
-            "role": device.role,
-            "notes": device.notes or "",
-        },
-        "approve_errors": {},
-        "edit_values": _edit_values(device),
-        "edit_errors": {},
-    }
-    context.update(extra)
-    return page(request, "devices/detail.html", user, nav="devices", status_code=status_code, **context)
-
-
-def _edit_values(device: Device) -> dict[str, Any]:
-    return {
-        "hostname": device.hostname or "",
-        "ip_address": device.ip_address or "",
-        "role": device.role,
-        "notes": device.notes or "",
-        "install_disk": device.install_disk or "",
-        "labels": "\n".join(f"{k}={v}" for k, v in sorted((device.labels or {}).items())),
-        "revision": str(device.revision),
-    }
-
-
-@router.get("/ui/devices/{device_id:id}")
-def device_detail(request: Request, device_id: int, user: CurrentUser) -> Response:
-    return detail_response(request, user, services_of(request).devices.get(device_id))
-
-
-def _labels(value: str, errors: Errors) -> dict[str, str] | None:
-    labels: dict[str, str] = {}
-    for line in value.replace(",", "\n").splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        key, sep, val = line.partition("=")
-        if not sep:
-            errors["labels"] = f"{line[:40]!r}: write labels as key=value, one per line"
-            return None
-        labels[key.strip()] = val.strip()
-    try:
-        return normalize_labels(labels)
-    except KtizoError as exc:
-        errors["labels"] = exc.message
-        return None
-
-
-@router.post("/ui/devices/{device_id:id}/edit")
-def device_edit(request: Request, device_id: int, user: CurrentUser, form: CheckedForm) -> Response:
-    services = services_of(request)
-    device = services.devices.get(device_id)
-    values = {name: text(form, name, 4096) for name in EDIT_FIELDS}
-    revision_text = text(form, "revision", 12)
-    # The revision the operator's form was drawn from: a change someone made since is not silently reverted.
-    seen_revision = int(revision_text) if revision_text.isdecimal() else None
-    values["revision"] = revision_text
-    errors: Errors = {}
-    changes = DeviceChanges()
-    wanted: dict[str, Any] = {
-        "hostname": parse(errors, "hostname", values["hostname"], normalize_hostname) if values["hostname"] else None,
-        "ip_address": (
-            parse(errors, "ip_address", values["ip_address"], normalize_interface_address)
-            if values["ip_address"]
-            else None
-        ),
-        "notes": values["notes"],
-        "install_disk": values["install_disk"] or None,
-        "labels": _labels(values["labels"], errors),
-    }
-    if values["role"] in ("controlplane", "worker"):
-        wanted["role"] = values["role"]
-    else:
-        errors["role"] = "choose controlplane or worker"
-    too_long(errors, "notes", values["notes"], 4096)
-    if not errors:
-        for name, value in wanted.items():
-            current = getattr(device, name)
-            if (current or None) != (value or None):
-                setattr(changes, name, value if name != "labels" else (value or {}))
-        if changes.notes is not UNSET and changes.notes is None:
-            changes.notes = ""
-        try:
-            updated = services.devices.update(user.actor, device_id, changes, expected_revision=seen_revision)
-        except KtizoError as exc:
-            note_error(errors, exc, EDIT_FIELDS)
-            if getattr(exc, "field", None) == "revision":
-                device = services.devices.get(device_id)
-                values = {**_edit_values(device), "revision": str(device.revision)}  # what it is now
-        else:
-            changed = ", ".join(name.replace("_", " ") for name, _ in changes.items()) or "nothing"
-            warnings = "".join(f" Warning: {w}." for w in services.devices.warnings(updated))
-            return _after_change(request, device_id, f"Saved ({changed} changed).{warnings}")
-    return detail_response(
-        request, user, device, status_code=422, edit_values=values, edit_errors=errors, edit_open=True
-    )
-
-
-@router.post("/ui/devices/{device_id:id}/unbind")
-def device_unbind(request: Request, device_id: int, user: CurrentUser, form: CheckedForm) -> Response:
-    services_of(request).devices.unbind(user.actor, device_id)
-    return _after_change(
-        request, device_id, "Identity binding cleared: the next request binds the UUID and serial it reports."
-    )
-
-
-@router.post("/ui/devices/{device_id:id}/delete")
-def device_delete(request: Request, device_id: int, user: CurrentUser, form: CheckedForm) -> Response:
-    services = services_of(request)
-    try:
-        device = services.devices.get(device_id)
-    except NotFound:
-        return RedirectResponse("/ui/devices", status_code=303)
-    services.devices.delete(user.actor, device_id)
-    response = RedirectResponse(f"/ui/devices?status={device.status}", status_code=303)
-    name = device.hostname or device.mac_address or f"device {device_id}"
-    set_flash(response, f"Deleted {name}. Its history stays in the audit log; if it boots again it waits as pending.")
-    return response
