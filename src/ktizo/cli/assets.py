@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from ktizo.cli.common import fail, print_json, print_table, reports_errors, state
-from ktizo.pxe.assets import AssetError, parse_sums
-from ktizo.services.assets import AssetService
 from ktizo.services.context import Actor
+
+if TYPE_CHECKING:
+    from ktizo.services.assets import AssetService
 
 app = typer.Typer(help="Talos boot assets (vmlinuz, initramfs.xz).", no_args_is_help=True)
 
 
 def _service(ctx: typer.Context) -> AssetService:
+    from ktizo.services.assets import AssetService
+
     st = state(ctx)
     return AssetService(st.services().db, st.settings.assets_dir, st.settings.assets_base_url)
 
@@ -65,6 +68,8 @@ def fetch(
     """Download vmlinuz and initramfs.xz from the image factory.
 
     An interrupted download resumes where it stopped."""
+    from ktizo.pxe.assets import AssetError, parse_sums
+
     service = _service(ctx)
     if base_url:
         service.factory_url = base_url
@@ -95,6 +100,8 @@ def import_(
     """Import assets copied from elsewhere.
 
     For sites without internet access."""
+    from ktizo.pxe.assets import AssetError
+
     try:
         stored = _service(ctx).import_dir(Actor.cli(), directory, talos_version)
     except AssetError as exc:

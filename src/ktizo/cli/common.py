@@ -9,17 +9,16 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import typer
 
-from ktizo.app import build_services
 from ktizo.domain.errors import KtizoError, NotFound, ValidationFailed
-from ktizo.services.records import Device
-from ktizo.services.registry import Services
-from ktizo.services.schema import display_url, sqlite_file
-from ktizo.services.transactions import transaction
-from ktizo.settings import Settings
+
+if TYPE_CHECKING:  # at run time these load with the first command that needs the database, not for --help
+    from ktizo.services.records import Device
+    from ktizo.services.registry import Services
+    from ktizo.settings import Settings
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -52,6 +51,8 @@ class State:
         """The services over the configured database. Only ``serve`` and ``db upgrade`` pass ``need_schema=False``:
         every other command must find an existing, migrated database and never create one."""
         if self._services is None:
+            from ktizo.app import build_services
+
             if need_schema:
                 _require_database_file(self.settings)
             self._services = build_services(self.settings)
@@ -68,12 +69,16 @@ def make_private_dir(path: Path) -> None:
 
 def shown_url(url: str) -> str:
     """A database URL fit for a terminal: without its password."""
+    from ktizo.services.schema import display_url
+
     return display_url(url)
 
 
 def _require_database_file(settings: Settings) -> None:
     # Opening a missing SQLite file creates it (and its directory): run from the wrong directory, a command
     # would make an empty second database and then report it as merely behind on migrations.
+    from ktizo.services.schema import sqlite_file
+
     path = sqlite_file(settings.effective_database_url)
     if path is None or path.is_file():
         return
@@ -143,6 +148,8 @@ def _reporting(fn: Callable[P, R], *, one_transaction: bool) -> Callable[P, R]:
         try:
             if not one_transaction:
                 return fn(*args, **kwargs)
+            from ktizo.services.transactions import transaction
+
             with transaction() as tx:
                 try:
                     return fn(*args, **kwargs)

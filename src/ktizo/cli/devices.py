@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -22,10 +22,11 @@ from ktizo.domain.devices import DeviceStatus, Role
 from ktizo.domain.errors import InvalidTransition
 from ktizo.domain.identity import normalize_hostname, normalize_interface_address
 from ktizo.services.context import Actor
-from ktizo.services.devices import DeviceChanges, DeviceQuery
-from ktizo.services.records import Device
-from ktizo.services.registry import Services
-from ktizo.services.render import GroupSpec
+from ktizo.services.queries import DeviceChanges, DeviceQuery
+
+if TYPE_CHECKING:
+    from ktizo.services.records import Device
+    from ktizo.services.registry import Services
 
 app = typer.Typer(help="Machines at the door: list, inspect, approve, reject.", no_args_is_help=True)
 
@@ -72,6 +73,8 @@ def as_dict(device: Device) -> dict[str, Any]:
 
 def group_memberships(services: Services, device: Device) -> list[dict[str, Any]]:
     """The groups whose patches apply to the device, in the order they apply (by the renderer's own rule)."""
+    from ktizo.services.render import GroupSpec
+
     out = []
     for group, members in services.groups.all():
         spec = GroupSpec(

@@ -22,7 +22,6 @@ from ktizo.cli.common import (
     state,
     warn,
 )
-from ktizo.settings import Settings
 
 # The base of the errors Typer shows itself (usage errors, bad option values), in whichever click it runs on:
 # recent Typers carry their own copy.
@@ -127,6 +126,8 @@ def root(
         overrides["data_dir"] = data_dir
     if database_url is not None:
         overrides["database_url"] = database_url
+    from ktizo.settings import Settings  # pydantic-settings: not for --help and --version
+
     ctx.obj = State(Settings(**overrides))  # type: ignore[arg-type]
 
 

@@ -11,7 +11,7 @@ import sys
 import threading
 from pathlib import Path
 from types import FrameType
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -30,7 +30,9 @@ from ktizo.pxe.supervisor import (
     stop_stale,
 )
 from ktizo.pxe.tftp import IPXE_DIR, IpxeMissing, boot_files, find_builds, prepare_tftp_root, unreachable_for
-from ktizo.settings import Settings
+
+if TYPE_CHECKING:
+    from ktizo.settings import Settings
 
 app = typer.Typer(help="PXE: dnsmasq config and supervision, DHCP discovery events.", no_args_is_help=True)
 

@@ -7,7 +7,6 @@ from typing import Annotated
 import typer
 
 from ktizo.cli.common import reports_errors, state
-from ktizo.pki.sealing import generate_key
 from ktizo.services.context import Actor
 
 app = typer.Typer(help="The key that seals secrets at rest (KTIZO_SECRET_KEY).", no_args_is_help=True)
@@ -18,6 +17,8 @@ def generate_key_command() -> None:
     """Print a new sealing key.
 
     Give it to Ktizo as KTIZO_SECRET_KEY, or in the file KTIZO_SECRET_KEY_FILE names."""
+    from ktizo.pki.sealing import generate_key
+
     typer.echo(generate_key())
 
 

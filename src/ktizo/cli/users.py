@@ -6,7 +6,7 @@ import contextlib
 import datetime as dt
 import json
 import sys
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -15,9 +15,11 @@ from ktizo.domain.bounds import parse_id
 from ktizo.domain.errors import NotFound
 from ktizo.domain.identity import normalize_mac
 from ktizo.domain.users import UserRole
-from ktizo.services.audit import AuditEntry, AuditQuery
 from ktizo.services.context import Actor
-from ktizo.services.registry import Services
+from ktizo.services.queries import AuditEntry, AuditQuery
+
+if TYPE_CHECKING:
+    from ktizo.services.registry import Services
 
 users_app = typer.Typer(help="Operator accounts: create, reset a password, disable.", no_args_is_help=True)
 tokens_app = typer.Typer(help="API tokens (sent as `Authorization: Bearer …`).", no_args_is_help=True)

@@ -6,9 +6,12 @@ rotated (``ktizo secrets rekey`` then re-seals everything with the first)."""
 
 from __future__ import annotations
 
-from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+from typing import TYPE_CHECKING
 
 from ktizo.domain.errors import NotReady
+
+if TYPE_CHECKING:  # cryptography loads once a key is in play: without one, nothing here needs it
+    from cryptography.fernet import MultiFernet
 
 _FERNET = "fernet:"
 _PLAIN = "plain:"
@@ -19,11 +22,15 @@ class SealingError(NotReady):
 
 
 def generate_key() -> str:
+    from cryptography.fernet import Fernet
+
     return Fernet.generate_key().decode()
 
 
 def parse_keys(text: str) -> list[str]:
     keys = [k.strip() for k in text.replace("\n", ",").split(",") if k.strip()]
+    if keys:
+        from cryptography.fernet import Fernet
     for key in keys:
         try:
             Fernet(key)
@@ -38,7 +45,11 @@ def parse_keys(text: str) -> list[str]:
 class Sealer:
     def __init__(self, keys: list[str] | None = None, *, seal: bool = True) -> None:
         self.keys = keys or []
-        self._fernet = MultiFernet([Fernet(k) for k in self.keys]) if self.keys else None
+        self._fernet: MultiFernet | None = None
+        if self.keys:
+            from cryptography.fernet import Fernet, MultiFernet
+
+            self._fernet = MultiFernet([Fernet(k) for k in self.keys])
         self._seals = seal and self._fernet is not None
 
     def unsealing(self) -> Sealer:
@@ -64,6 +75,8 @@ class Sealer:
                 "the cluster secrets are sealed, but no key is configured: set KTIZO_SECRET_KEY or "
                 "KTIZO_SECRET_KEY_FILE to the key they were sealed with"
             )
+        from cryptography.fernet import InvalidToken
+
         try:
             return self._fernet.decrypt(stored[len(_FERNET) :].encode()).decode()
         except InvalidToken:
@@ -78,6 +91,8 @@ class Sealer:
             return not stored.startswith(_PLAIN)
         if stored.startswith(_PLAIN):
             return True
+        from cryptography.fernet import Fernet, InvalidToken
+
         token = stored[len(_FERNET) :].encode()
         try:
             Fernet(self.keys[0]).decrypt(token)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sqlalchemy import func, select
@@ -14,6 +12,10 @@ from ktizo.db import Database
 from ktizo.db.models import AuditEvent, Refusal
 from ktizo.domain.bounds import as_utc, is_possible_id
 from ktizo.services.context import Actor
+
+# Re-exported: the values of this service (they live apart so that the CLI starts fast).
+from ktizo.services.queries import AuditEntry as AuditEntry
+from ktizo.services.queries import AuditQuery as AuditQuery
 
 ACTIONS = (
     "register",
@@ -100,17 +102,6 @@ def patch_summary(text: str | None) -> str | None:
     return f"patch ({len(text.encode())} bytes, sha256 {digest[:16]}…)"
 
 
-@dataclass(frozen=True)
-class AuditQuery:
-    device_id: int | None = None
-    actor: str | None = None
-    action: str | None = None
-    since: dt.datetime | None = None
-    until: dt.datetime | None = None
-    limit: int = 100
-    offset: int = 0
-
-
 class AuditService:
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -137,23 +128,6 @@ class AuditService:
             ids = {r.refusal_id for r in rows if r.refusal_id is not None}
             counts = dict(s.execute(select(Refusal.id, Refusal.count).where(Refusal.id.in_(ids))).all()) if ids else {}
         return [_shown(row, counts) for row in rows], total
-
-
-@dataclass(frozen=True)
-class AuditEntry:
-    """An audit row as it is shown: ``count`` is how many times a counted refusal happened in its minute (1 for
-    everything else), and patch texts that rows written before release 0005 still hold are shown as a summary."""
-
-    id: int
-    at: dt.datetime
-    actor: str
-    actor_type: str
-    action: str
-    device_id: int | None
-    device_mac: str | None
-    source_ip: str | None
-    details: dict[str, Any]
-    count: int
 
 
 def _scrub_patches(details: dict[str, Any]) -> dict[str, Any]:

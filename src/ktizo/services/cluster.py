@@ -8,7 +8,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -25,27 +25,24 @@ from ktizo.services import audit, state
 from ktizo.services.context import Actor
 from ktizo.services.render import ConfigSource
 from ktizo.talos import (
-    ClusterInput,
-    SecretsBundle,
     TalosVersion,
     apply_patches,
     check_patch_result,
     dump_documents,
-    dump_secrets,
-    generate_configs,
-    generate_secrets,
     load_documents,
     load_patch,
-    load_secrets,
     machine_type,
-    make_talosconfig,
     parse_talos_version,
-    validate_cluster_input,
     validate_documents,
 )
 
+if TYPE_CHECKING:  # generation needs cryptography: it loads with the first generation, not with every CLI command
+    from ktizo.talos import ClusterInput, SecretsBundle
+
 # Stand-ins for settings not given yet, so one field can be checked with generate's own rules.
-_PLACEHOLDER = ClusterInput("placeholder", "https://placeholder:6443", "1.0.0", TalosVersion(1, 13))
+# What validation fills in for settings not given yet (only the given ones are checked).
+_PLACEHOLDER = {"cluster_name": "placeholder", "endpoint": "https://placeholder:6443", "kubernetes_version": "1.0.0"}
+_PLACEHOLDER_VERSION = TalosVersion(1, 13)
 
 
 @dataclass
@@ -177,6 +174,8 @@ class ClusterService:
         return self.settings()
 
     def _check(self, merged: dict[str, Any], given: set[str]) -> dict[str, Any]:
+        from ktizo.talos import ClusterInput, validate_cluster_input
+
         for name in (
             "install_disk",
             "install_image",
@@ -198,10 +197,10 @@ class ClusterService:
         if merged.get("talos_version"):
             out["talos_version"] = str(parse_talos_version(merged["talos_version"]))
         probe = ClusterInput(
-            cluster_name=merged.get("cluster_name") or _PLACEHOLDER.cluster_name,
-            endpoint=merged.get("endpoint") or _PLACEHOLDER.endpoint,
-            kubernetes_version=merged.get("kubernetes_version") or _PLACEHOLDER.kubernetes_version,
-            talos_version=_PLACEHOLDER.talos_version,
+            cluster_name=merged.get("cluster_name") or _PLACEHOLDER["cluster_name"],
+            endpoint=merged.get("endpoint") or _PLACEHOLDER["endpoint"],
+            kubernetes_version=merged.get("kubernetes_version") or _PLACEHOLDER["kubernetes_version"],
+            talos_version=_PLACEHOLDER_VERSION,
             install_disk=merged.get("install_disk") or None,
             install_image=merged.get("install_image") or None,
             pod_subnets=tuple(merged.get("pod_subnets") or ()),
@@ -220,6 +219,8 @@ class ClusterService:
         return out
 
     def _cluster_input(self, view: SettingsView) -> ClusterInput:
+        from ktizo.talos import ClusterInput
+
         name, endpoint, kubernetes = view.cluster_name, view.endpoint, view.kubernetes_version
         if not (name and endpoint and kubernetes):
             missing = [n for n in ("cluster_name", "endpoint", "kubernetes_version") if not getattr(view, n)]
@@ -243,12 +244,16 @@ class ClusterService:
     # -- secrets ---------------------------------------------------------------------------------------
 
     def _bundle(self, s: Session) -> SecretsBundle | None:
+        from ktizo.talos import load_secrets
+
         row = s.get(ClusterSecrets, 1)
         return load_secrets(self.sealer.open(row.bundle)) if row is not None else None
 
     def generate(self, actor: Actor, *, rotate_secrets: bool = False) -> dict[str, int]:
         """Render controlplane and worker base configs from the settings and the stored secrets bundle
         (made on first use). A new bundle is a new cluster identity: it needs ``rotate_secrets``."""
+        from ktizo.talos import generate_configs, generate_secrets
+
         actor.require(UserRole.ADMIN)
         inp = self._cluster_input(self.settings())
         with self.db.write() as s:
@@ -280,6 +285,8 @@ class ClusterService:
         return sizes
 
     def _store_bundle(self, s: Session, bundle: SecretsBundle, source: str) -> None:
+        from ktizo.talos import dump_secrets
+
         row = s.get(ClusterSecrets, 1)
         sealed = self.sealer.seal(dump_secrets(bundle))
         if row is None:
@@ -289,6 +296,8 @@ class ClusterService:
 
     def import_secrets(self, actor: Actor, data: bytes | str, *, replace: bool = False) -> None:
         """Adopt an existing cluster: a ``talosctl gen secrets`` bundle. Replacing a bundle needs ``replace``."""
+        from ktizo.talos import load_secrets
+
         actor.require(UserRole.ADMIN)
         bundle = load_secrets(data)
         with self.db.write() as s:
@@ -302,6 +311,8 @@ class ClusterService:
             audit.record(s, actor, "secrets_import", None, {"replaced": replace})
 
     def export_secrets(self, actor: Actor) -> str:
+        from ktizo.talos import dump_secrets
+
         actor.require(UserRole.ADMIN)
         with self.db.write() as s:
             bundle = self._bundle(s)
@@ -312,6 +323,8 @@ class ClusterService:
 
     def talosconfig(self, actor: Actor) -> str:
         """A talosconfig with a fresh admin certificate and the approved control planes' IPs as endpoints."""
+        from ktizo.talos import make_talosconfig
+
         actor.require(UserRole.ADMIN)
         view = self.settings()
         with self.db.write() as s:

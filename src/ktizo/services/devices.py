@@ -9,7 +9,6 @@ from __future__ import annotations
 import builtins
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import String, cast, func, or_, select
@@ -35,46 +34,16 @@ from ktizo.services import audit
 from ktizo.services.context import Actor
 from ktizo.services.first_contact import FirstContact, Knock
 from ktizo.services.groups import check_patch_on_bases, normalize_labels
+
+# Re-exported: the values this service's use cases take (they live apart so that the CLI starts fast).
+from ktizo.services.queries import UNSET as UNSET
+from ktizo.services.queries import DeviceChanges as DeviceChanges
+from ktizo.services.queries import DeviceQuery as DeviceQuery
 from ktizo.services.render import ConfigSource, gateway_warning
 from ktizo.services.watch import ApprovalWatcher
 from ktizo.talos import load_patch
 
-UNSET: Any = object()
 MAX_NOTES = 4096
-
-
-@dataclass
-class DeviceChanges:
-    """Fields an operator may set. ``UNSET`` means "leave as is"; ``None`` clears an optional field.
-
-    The service validates and normalises every value (the API and CLI parse with the same normalisers first, to
-    answer in their own words, but nothing depends on it)."""
-
-    mac_address: Any = UNSET
-    hostname: Any = UNSET
-    ip_address: Any = UNSET
-    role: Any = UNSET
-    notes: Any = UNSET
-    uuid: Any = UNSET
-    serial: Any = UNSET
-    labels: Any = UNSET
-    patch: Any = UNSET
-    install_disk: Any = UNSET
-    extra_nics: Any = UNSET
-
-    def items(self) -> list[tuple[str, Any]]:
-        return [(k, v) for k, v in vars(self).items() if v is not UNSET]
-
-
-@dataclass(frozen=True)
-class DeviceQuery:
-    status: DeviceStatus | None = None
-    search: str | None = None
-    limit: int = 1000
-    offset: int = 0
-    order: str = "id"
-    descending: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 _ORDERABLE = {

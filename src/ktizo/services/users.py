@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import datetime as dt
+import functools
 import hashlib
 import hmac
 import secrets
@@ -35,8 +36,13 @@ LOGIN_WINDOW = dt.timedelta(minutes=15)
 LOGIN_FAILURES_PER_USER = 10
 LOGIN_FAILURES_PER_SOURCE = 50
 _hasher = PasswordHasher()  # argon2-cffi's defaults are Argon2id with RFC 9106's low-memory profile
-# Verified against when the username does not exist, so that a miss costs as much time as a wrong password.
-_DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Verified against when the username does not exist, so that a miss costs as much time as a wrong password.
+    Made on first use: hashing costs 64 MiB and tens of milliseconds, which no CLI command should pay at start."""
+    return _hasher.hash(secrets.token_urlsafe(16))
 
 
 @dataclass(frozen=True)
@@ -159,7 +165,7 @@ class UserService:
             ok = False
             with self._verifying:
                 try:
-                    ok = _hasher.verify(user.password_hash if user and user.password_hash else _DUMMY_HASH, password)
+                    ok = _hasher.verify(user.password_hash if user and user.password_hash else _dummy_hash(), password)
                 except (VerificationError, InvalidHashError):
                     ok = False
             if not ok or user is None or user.disabled or not user.password_hash:

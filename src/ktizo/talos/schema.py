@@ -14,10 +14,11 @@ import json
 import re
 from collections.abc import Iterable, Sequence
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import ValidationError, best_match
+if TYPE_CHECKING:  # jsonschema loads with the first validation, not with everything that imports Ktizo's talos
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import ValidationError
 
 from ktizo.domain.errors import ValidationFailed
 
@@ -162,6 +163,8 @@ def known_kinds() -> frozenset[str]:
 
 @functools.cache
 def _validator(def_name: str) -> Draft202012Validator:
+    from jsonschema import Draft202012Validator
+
     schema = overlay_schema()
     root = {
         "$schema": schema["$schema"],
@@ -282,6 +285,8 @@ def _validate_one(number: int, doc: dict[str, Any]) -> None:
                 "kind",
             )
         def_name = found
+    from jsonschema.exceptions import best_match
+
     error = best_match(_validator(def_name).iter_errors(doc))
     if error is not None:
         path, message = _explain(error)
