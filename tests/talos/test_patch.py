@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import copy
+import datetime
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ktizo.domain.errors import ValidationFailed
+from ktizo.talos import patch as patch_module
 from ktizo.talos.patch import (
     DEFAULT_MAX_PATCH_BYTES,
     JSON6902_MULTI_DOC,
@@ -762,3 +765,363 @@ def test_a_scalar_patch_is_idempotent(config: dict[str, Any], data: st.DataObjec
     patch = Patch(kind="strategic", documents=(_scalar_patch(data, config),))
     once = apply_patches([config], [patch])
     assert apply_patches(once, [patch]) == once
+
+
+# --- large patches -------------------------------------------------------------------------------------
+#
+# Keyed merges, `$patch: delete` selectors and document matching take the *first* match. They find it through
+# indexes rather than by rescanning, so that a 256 KiB patch stays fast; these tests pin that the answers are
+# the ones a scan gives, on large inputs, and that the work grows linearly (counted, never timed).
+
+
+def _interfaces(docs: list[dict[str, Any]]) -> list[Any]:
+    interfaces: list[Any] = _config(docs)["machine"]["network"]["interfaces"]
+    return interfaces
+
+
+def _config_with(interfaces: list[Any]) -> dict[str, Any]:
+    config = copy.deepcopy(BASE_CONFIG)
+    config["machine"]["network"]["interfaces"] = interfaces
+    return config
+
+
+def _strategic(*documents: dict[str, Any]) -> Patch:
+    return Patch(kind="strategic", documents=documents)
+
+
+def _interfaces_patch(items: list[dict[str, Any]]) -> Patch:
+    return _strategic({"machine": {"network": {"interfaces": items}}})
+
+
+def test_thousands_of_interfaces_merge_as_one_at_a_time() -> None:
+    new = [{"interface": f"eth{i}", "mtu": 1000 + i} for i in range(1, 3001)]
+    # A name already in the patch merges into the item that patch appended, and brings a selector...
+    named = [
+        {"interface": f"eth{i}", "deviceSelector": {"hardwareAddr": f"sel{i}"}, "addresses": ["x"]}
+        for i in range(1, 1001)
+    ]
+    # ...which the next items then find the item by: the index follows what each merge changed.
+    by_selector = [{"deviceSelector": {"hardwareAddr": f"sel{i}"}, "mtu": 9000} for i in range(1, 1001)]
+    base_selector = [{"deviceSelector": {"hardwareAddr": "aa:bb:*"}, "dhcp": True}]
+    # The same new name over and over: the first appends, the rest merge into it, the last mtu wins.
+    repeated = [{"interface": f"new{i % 50}", "mtu": i + 1} for i in range(500)]
+    vlans = [{"interface": "eth0", "vlans": [{"vlanId": v % 700, "mtu": v + 1}]} for v in range(1000)]
+    # A selector nothing has yet: looking for it goes through the whole list, before the names bring selectors.
+    absent = [{"deviceSelector": {"hardwareAddr": "none"}, "mtu": 1}]
+    interleaved = [item for pair in zip(named, by_selector, strict=True) for item in pair]
+    patch = _interfaces_patch(new + absent + interleaved + base_selector + repeated + vlans)
+
+    result = _interfaces(apply_patches([copy.deepcopy(BASE_CONFIG)], [patch]))
+
+    expected_eth0 = copy.deepcopy(IFACE0)
+    # vlanId 5 was there already; ids below 300 come twice, and the second mtu wins.
+    expected_eth0["vlans"] = [{"vlanId": 5, "mtu": 706}] + [
+        {"vlanId": v, "mtu": v + 701 if v < 300 else v + 1} for v in range(700) if v != 5
+    ]
+    expected = [expected_eth0, {**IFACE1, "dhcp": True}]
+    for i in range(1, 3001):
+        item: dict[str, Any] = {"interface": f"eth{i}", "mtu": 1000 + i}
+        if i <= 1000:
+            item.update(mtu=9000, deviceSelector={"hardwareAddr": f"sel{i}"}, addresses=["x"])
+        expected.append(item)
+    expected += absent
+    expected += [{"interface": f"new{k}", "mtu": 451 + k} for k in range(50)]
+    assert len(result) == len(expected)
+    assert result == expected
+
+
+def test_many_deletions_delete_the_first_match_each() -> None:
+    base = [{"interface": f"eth{i}", "mtu": i % 7 + 1} for i in range(4000)]
+    base.insert(10, {"interface": "eth20", "mtu": 99})  # a duplicate name: a deletion takes the first only
+    deletions: list[dict[str, Any]] = [{"interface": f"eth{i}", "$patch": "delete"} for i in range(3998, -1, -2)]
+    deletions += [{"mtu": 2, "$patch": "delete"}, {"mtu": 2, "$patch": "delete"}]  # by another key: eth1, eth15
+    deletions += [{"interface": "eth20", "$patch": "delete"}]  # the second eth20, the first one is gone
+    patch = _interfaces_patch([*deletions, {"interface": "eth0", "mtu": 1}, {"interface": "eth3", "mtu": 5}])
+
+    result = _interfaces(apply_patches([_config_with(base)], [patch]))
+
+    odd = [{"interface": f"eth{i}", "mtu": i % 7 + 1} for i in range(1, 4000, 2) if i not in (1, 15)]
+    odd[odd.index({"interface": "eth3", "mtu": 4})]["mtu"] = 5
+    assert result == [*odd, {"interface": "eth0", "mtu": 1}]
+
+    # Deletions find items by what earlier documents of the patch merged into them.
+    later = _strategic(
+        {
+            "machine": {
+                "network": {
+                    "interfaces": [{"interface": "eth3999", "$patch": "delete"}, {"interface": "eth7", "mtu": 77}]
+                }
+            }
+        },
+        {"machine": {"network": {"interfaces": [{"mtu": 77, "$patch": "delete"}, {"interface": "eth9", "x": 1}]}}},
+        {"machine": {"network": {"interfaces": [{"x": 1, "$patch": "delete"}]}}},
+    )
+    result = _interfaces(apply_patches([_config_with(base)], [patch, later]))
+    gone = ("eth3999", "eth7", "eth9")
+    assert result == [item for item in [*odd, {"interface": "eth0", "mtu": 1}] if item["interface"] not in gone]
+
+
+def test_errors_name_the_position_after_deletions() -> None:
+    base = [{"interface": f"eth{i}", "mtu": 1500} for i in range(3000)]
+    deletions = [{"interface": f"eth{i}", "$patch": "delete"} for i in range(1000)]
+    bad = _interfaces_patch([*deletions, {"interface": "eth2500", "mtu": {"a": 1}}])
+    with pytest.raises(ValidationFailed) as exc:
+        apply_patches([_config_with(base)], [bad])
+    assert exc.value.message == (
+        "patch 1, document 1 (v1alpha1): machine.network.interfaces[1500].mtu: "
+        "the patch has a mapping where the config has a scalar"
+    )
+    missing = _interfaces_patch([*deletions, {"interface": "eth5", "$patch": "delete"}])
+    with pytest.raises(ValidationFailed) as exc:
+        apply_patches([_config_with(base)], [missing])
+    assert exc.value.message == (
+        "patch 1, document 1 (v1alpha1): no item of machine.network.interfaces has interface = 'eth5', "
+        "so none can be deleted"
+    )
+
+
+def test_a_document_is_found_by_the_identity_a_patch_left_it() -> None:
+    # Deleting `name` changes which document a later patch document selects (absurd, but Talos-compatible).
+    odd = {"apiVersion": "v1alpha1", "kind": "Test", "name": "{'$patch': 'delete'}", "a": 1}
+    patch = _strategic(
+        {"apiVersion": "v1alpha1", "kind": "Test", "name": {"$patch": "delete"}},
+        {"apiVersion": "v1alpha1", "kind": "Test", "b": 2},
+    )
+    result = apply_patches([copy.deepcopy(BASE_CONFIG), odd], [patch])
+    assert result[1:] == [{"apiVersion": "v1alpha1", "kind": "Test", "a": 1, "b": 2}]
+
+
+def test_thousands_of_documents_are_matched_by_identity() -> None:
+    def link(name: str, **fields: Any) -> dict[str, Any]:
+        return {"apiVersion": "v1alpha1", "kind": "LinkConfig", "name": name, **fields}
+
+    first = _strategic(*[link(f"l{i}", mtu=1000 + i) for i in range(3000)])
+    second = _strategic(
+        *[link(f"l{i}", up=True) for i in range(0, 3000, 3)],
+        *[{**link(f"l{i}"), "$patch": "delete"} for i in range(1, 3000, 3)],
+        link("l1", mtu=1),  # deleted just before: appended anew, at the end
+        {**link("absent"), "$patch": "delete"},
+    )
+    result = apply_patches(_base(), [first, second])
+    expected = [link(f"l{i}", mtu=1000 + i, **({"up": True} if i % 3 == 0 else {})) for i in range(3000) if i % 3 != 1]
+    assert result[2:] == [*expected, link("l1", mtu=1)]
+
+
+class _Counter:
+    """Wraps functions and counts their calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, function: Any) -> Any:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            return function(*args, **kwargs)
+
+        return counted
+
+
+def _counting_rule(rule: Any, counter: _Counter) -> Any:
+    fields = tuple(
+        patch_module._Field(field.source, counter(field.value), counter(field.equal), counter(field.key))
+        for field in rule.fields
+    )
+    return patch_module._KeyedList(fields, counter(rule.probe))
+
+
+def _keyed_merge_calls(monkeypatch: pytest.MonkeyPatch, n: int) -> int:
+    counter = _Counter()
+    rules = dict(patch_module._KEYED[None])
+    path = ("machine", "network", "interfaces")
+    rules[path] = _counting_rule(rules[path], counter)
+    monkeypatch.setitem(patch_module._KEYED, None, rules)
+    items: list[dict[str, Any]] = [{"interface": f"eth{i}"} for i in range(1, n + 1)]
+    items += [{"deviceSelector": {"hardwareAddr": f"s{i}"}} for i in range(n)]
+    items += [{"interface": f"eth{i}", "mtu": 9000} for i in range(1, n + 1, 4)]  # merge into appended items
+    items += [{"deviceSelector": {"hardwareAddr": f"s{i}"}, "dhcp": True} for i in range(0, n, 4)]
+    result = apply_patches([copy.deepcopy(BASE_CONFIG)], [_interfaces_patch(items)])
+    assert len(_interfaces(result)) == 2 + 2 * n
+    monkeypatch.undo()
+    return counter.calls
+
+
+def test_keyed_merges_do_linear_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Scanning for the first match would compare each patch item with every item before it: 16x the work for
+    # 4x the items. The index reads and keys each item a bounded number of times.
+    small, large = _keyed_merge_calls(monkeypatch, 500), _keyed_merge_calls(monkeypatch, 2000)
+    assert large <= 5 * small
+
+
+def _deletion_calls(monkeypatch: pytest.MonkeyPatch, n: int) -> int:
+    counter = _Counter()
+    monkeypatch.setattr(patch_module, "_json_equal", counter(patch_module._json_equal))
+    monkeypatch.setattr(patch_module, "_json_key", counter(patch_module._json_key))
+    base = [{"interface": f"eth{i}", "mtu": 1500} for i in range(2 * n)]
+    deletions = [{"interface": f"eth{i}", "$patch": "delete"} for i in range(2 * n - 1, 0, -2)]
+    result = apply_patches([_config_with(base)], [_interfaces_patch(deletions)])
+    assert len(_interfaces(result)) == n
+    monkeypatch.undo()
+    return counter.calls
+
+
+def test_deletions_do_linear_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    small, large = _deletion_calls(monkeypatch, 500), _deletion_calls(monkeypatch, 2000)
+    assert large <= 5 * small
+
+
+def _document_calls(monkeypatch: pytest.MonkeyPatch, n: int) -> int:
+    counter = _Counter()
+    monkeypatch.setattr(patch_module, "document_key", counter(patch_module.document_key))
+    documents = [
+        {"apiVersion": "v1alpha1", "kind": "LinkConfig", "name": f"l{i % n}", "mtu": i + 1} for i in range(2 * n)
+    ]
+    assert len(apply_patches(_base(), [_strategic(*documents)])) == 2 + n
+    monkeypatch.undo()
+    return counter.calls
+
+
+def test_document_matching_does_linear_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    small, large = _document_calls(monkeypatch, 500), _document_calls(monkeypatch, 2000)
+    assert large <= 5 * small
+
+
+def test_shared_structures_are_merged_as_before() -> None:
+    # Loaded YAML never shares a mapping between two places, but documents built in code may; the indexes
+    # then stand aside and the lists are scanned, so a merge into one place shows in the other, as it did.
+    shared = {"interface": "eth0", "mtu": 1500}
+    result = apply_patches(
+        [_config_with([shared, shared])],
+        [_interfaces_patch([{"interface": "eth0", "mtu": 9000, "dummy": True}, {"interface": "eth0", "mtu": 1400}])],
+    )
+    interfaces = _interfaces(result)
+    assert interfaces == [{"interface": "eth0", "mtu": 1400, "dummy": True}] * 2
+    assert interfaces[0] is interfaces[1]
+
+
+# Values of every type YAML gives, with the pairs that compare differently in JSON and Python: 1, 1.0 and True,
+# NaN (equal to nothing, but a container holding the same NaN object equals itself under ==), sets and tuples.
+NAN = float("nan")
+KEY_ATOMS = st.sampled_from(
+    [
+        None,
+        "",
+        "a",
+        "1",
+        0,
+        1,
+        1.0,
+        -0.0,
+        2.5,
+        True,
+        False,
+        b"a",
+        NAN,
+        datetime.date(2020, 1, 1),
+        datetime.datetime(2020, 1, 1),
+    ]
+)
+KEY_VALUES = st.recursive(
+    KEY_ATOMS,
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.dictionaries(st.sampled_from("ab"), children, max_size=2)
+        | st.tuples(children, children)
+        | st.frozensets(st.sampled_from([1, 1.0, True, "a", NAN]), max_size=2).map(set)
+    ),
+    max_leaves=6,
+)
+
+
+def test_index_keys_of_scalars_are_equal_exactly_when_the_scalars_compare_equal() -> None:
+    atoms = [None, "", "a", "1", 0, 1, 1.0, -0.0, 0.0, 2.5, True, False, b"a", NAN, float("nan")]
+    atoms += [datetime.date(2020, 1, 1), datetime.datetime(2020, 1, 1), (1,), (1.0,), (True,), {1}, frozenset({1})]
+    for left in atoms:
+        for right in atoms:
+            json_same = patch_module._json_key(left) == patch_module._json_key(right)
+            assert json_same == patch_module._json_equal(left, right), (left, right)
+            python_same = patch_module._python_key(left) == patch_module._python_key(right)
+            assert python_same == bool(left == right), (left, right)
+
+
+@given(left=KEY_VALUES, data=st.data())
+def test_index_keys_are_equal_exactly_when_the_values_compare_equal(left: Any, data: st.DataObject) -> None:
+    right = data.draw(st.sampled_from([left, copy.deepcopy(left)]) | KEY_VALUES)
+    assert (patch_module._json_key(left) == patch_module._json_key(right)) == patch_module._json_equal(left, right)
+    assert (patch_module._python_key(left) == patch_module._python_key(right)) == bool(left == right)
+
+
+# Small pools, so that items often match, and merges often change what later items are matched on.
+NAMES = st.sampled_from(["eth0", "eth1", "", 0, 1, 1.0, True, NAN]) | st.sampled_from(["eth0", "eth1"]) | KEY_VALUES
+SELECTORS = st.sampled_from(
+    [None, {"driver": "a"}, {"driver": "b"}, {"driver": 1}, {"driver": 1.0}, {"driver": True}]
+) | st.dictionaries(st.sampled_from(["hardwareAddr", "driver"]), KEY_VALUES, max_size=2)
+VLANS = st.lists(
+    st.fixed_dictionaries({}, optional={"vlanId": st.sampled_from([None, 0, 1, 1.0, True, NAN]), "mtu": KEY_ATOMS}),
+    max_size=3,
+)
+INTERFACE_ITEMS = st.fixed_dictionaries(
+    {},
+    optional={
+        "interface": NAMES,
+        "deviceSelector": SELECTORS,
+        "mtu": st.sampled_from([0, 1500, None, "x", [1], {"a": 1}]),
+        "vlans": VLANS | KEY_VALUES,
+    },
+)
+LIST_ITEMS = INTERFACE_ITEMS | INTERFACE_ITEMS | KEY_VALUES
+DELETE_ITEMS = st.builds(
+    lambda key, value: {key: value, "$patch": "delete"}, st.sampled_from(["interface", "mtu", "name"]), NAMES
+)
+ADMISSION_ITEMS = st.fixed_dictionaries({}, optional={"name": NAMES, "configuration": KEY_VALUES}) | KEY_VALUES
+
+
+@st.composite
+def _patch_documents(draw: st.DrawFn) -> dict[str, Any]:
+    if draw(st.integers(0, 3)) == 0:
+        document: dict[str, Any] = {"apiVersion": "v1alpha1", "kind": "Test", "name": draw(st.sampled_from("ab"))}
+        if draw(st.booleans()):
+            document["$patch"] = "delete"
+        else:
+            document["value"] = draw(KEY_VALUES)
+        return document
+    document = {}
+    if draw(st.booleans()):
+        document["machine"] = {"network": {"interfaces": draw(st.lists(LIST_ITEMS | DELETE_ITEMS, max_size=6))}}
+    if draw(st.booleans()):
+        items = draw(st.lists(ADMISSION_ITEMS | DELETE_ITEMS, max_size=4))
+        document["cluster"] = {"apiServer": {"admissionControl": items}}
+    return document
+
+
+def _outcome(docs: list[dict[str, Any]], patches: list[Patch]) -> Any:
+    try:
+        return apply_patches(docs, patches)
+    except ValidationFailed as exc:
+        return exc.message, exc.field
+
+
+@settings(deadline=None, max_examples=300)
+@given(
+    interfaces=st.lists(LIST_ITEMS, max_size=6),
+    admission=st.lists(ADMISSION_ITEMS, max_size=4),
+    tests=st.lists(st.fixed_dictionaries({"name": st.sampled_from("ab"), "value": KEY_VALUES}), max_size=3),
+    patches=st.lists(st.lists(_patch_documents(), min_size=1, max_size=4), min_size=1, max_size=3),
+)
+def test_the_indexes_find_what_a_scan_finds(
+    interfaces: list[Any], admission: list[Any], tests: list[dict[str, Any]], patches: list[list[dict[str, Any]]]
+) -> None:
+    # A scan of each list, in order, for the first match is how Talos merges; documents that share a mapping
+    # (see test_shared_structures_are_merged_as_before) are still patched that way, which is the reference here.
+    config = {
+        "machine": {"type": "worker", "network": {"interfaces": interfaces}},
+        "cluster": {"apiServer": {"admissionControl": admission}},
+    }
+    docs = [config, *({"apiVersion": "v1alpha1", "kind": "Test", **test} for test in tests)]
+    strategic = [_strategic(*documents) for documents in patches]
+    indexed = _outcome(docs, strategic)
+    with mock.patch.object(patch_module, "_REKEY_BUDGET", 1):  # values a merge changed are compared, not keyed
+        compared = _outcome(docs, strategic)
+    with mock.patch.object(patch_module, "_is_tree", return_value=False):
+        scanned = _outcome(docs, strategic)
+    assert indexed == scanned
+    assert compared == scanned
