@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from ktizo.cli.common import fail, reports_errors, state
+from ktizo.cli.common import fail, reports_errors, reports_errors_without_transaction, state
 from ktizo.domain.errors import ValidationFailed
 from ktizo.pxe import events
 from ktizo.pxe.dnsmasq import DhcpMode, DhcpRange, DnsmasqConfig, render
@@ -165,7 +165,7 @@ def config(
 
 
 @app.command()
-@reports_errors
+@reports_errors_without_transaction  # it runs for as long as dnsmasq does: each step commits itself
 def run(
     ctx: typer.Context,
     interface: Interfaces = None,
