@@ -12,14 +12,14 @@ from ktizo.domain.errors import Conflict
 _KNOWN: tuple[tuple[tuple[str, ...], str | None, str], ...] = (
     (("uq_devices_mac_address", "devices.mac_address"), "mac_address", "a machine with this MAC address exists"),
     (("uq_devices_machine_id", "devices.machine_id"), "machine_id", "a machine with this machine-id exists"),
-    (("uq_devices_uuid_without_mac",), "uuid", "a machine known only by this UUID exists"),
+    (("uq_devices_uuid_without_mac", "devices.uuid"), "uuid", "a machine known only by this UUID exists"),
     (
-        ("uq_devices_approved_hostname",),
+        ("uq_devices_approved_hostname", "devices.hostname"),
         "hostname",
         "another approved machine has this hostname: pick another name, or change or revoke that machine first",
     ),
     (
-        ("uq_devices_approved_address",),
+        ("uq_devices_approved_address", "devices.static_ip"),
         "ip_address",
         "another approved machine has this static IP: pick another address, or change or revoke that machine first",
     ),

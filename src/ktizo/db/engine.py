@@ -236,8 +236,11 @@ class Database:
         if tx is None:
             # A transaction of its own is a transaction like the edge's: what waits for its commit (waking a
             # held request) runs after it, and nested blocks join it.
-            with transaction() as own:
-                yield own.session(self)
+            try:
+                with transaction() as own:
+                    yield own.session(self)
+            except IntegrityError as exc:  # a flush inside the block, as opposed to the commit at its end
+                raise conflict_for(exc) from None
             return
         session = tx.session(self)
         try:

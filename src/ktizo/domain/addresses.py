@@ -1,9 +1,10 @@
 """Who is really calling: the client's address behind reverse proxies Ktizo was told to trust.
 
 Behind a proxy every request comes from the proxy's address, so the throttles, the new-machine budget, the lease
-check and the audit would all see one client. The proxy's ``Forwarded`` (RFC 7239) or ``X-Forwarded-For`` header
-names the client, but anyone can send those headers: they are read only from a trusted peer, and walked from the
-right, so a client cannot put an address of its choosing in front of the one the proxy appended."""
+check and the audit would all see one client. The proxy's ``X-Forwarded-For`` header (or, failing that,
+``Forwarded``, RFC 7239) names the client, but anyone can send those headers: they are read only from a trusted
+peer, and walked from the right, so a client cannot put an address of its choosing in front of the one the proxy
+appended."""
 
 from __future__ import annotations
 
@@ -33,14 +34,16 @@ def _address(token: str) -> str | None:
 
 
 def _chain(forwarded: str | None, x_forwarded_for: str | None) -> list[str | None]:
+    # X-Forwarded-For first: it is what nginx and HAProxy append by default, and they pass a client's own
+    # Forwarded header through untouched, which would otherwise let the client pick its address.
+    if x_forwarded_for:
+        return [_address(part) for part in x_forwarded_for.split(",")]
     if forwarded:
         hops: list[str | None] = []
         for element in forwarded.split(","):
             match = _FOR.search(element)
             hops.append(_address(match.group(1)) if match else None)
         return hops
-    if x_forwarded_for:
-        return [_address(part) for part in x_forwarded_for.split(",")]
     return []
 
 
@@ -53,7 +56,8 @@ def client_address(
     peer: str | None, forwarded: str | None, x_forwarded_for: str | None, trusted: Sequence[Network]
 ) -> str | None:
     """The client's address: the peer's, unless the peer is a trusted proxy; then the rightmost address of the
-    forwarding chain that is not itself a trusted proxy (``Forwarded`` wins over ``X-Forwarded-For``)."""
+    forwarding chain that is not itself a trusted proxy (from ``X-Forwarded-For``, or ``Forwarded`` when a proxy
+    sends only that)."""
     if not trusted or peer is None or _address(peer) is None or not _trusted(peer, trusted):
         return peer
     current = peer
