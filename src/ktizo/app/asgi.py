@@ -83,7 +83,9 @@ class TransactionMiddleware:
                 return
             if message["type"] == "http.response.start" and not tx.closed:
                 try:
-                    if message["status"] < 400 or tx.keep_on_refusal:
+                    if not tx.pending:
+                        tx.close()  # nothing written, nothing waiting: no thread hop (the boot path's usual case)
+                    elif message["status"] < 400 or tx.keep_on_refusal:
                         await asyncio.to_thread(tx.commit)
                     else:
                         await asyncio.to_thread(tx.rollback)
@@ -97,7 +99,10 @@ class TransactionMiddleware:
             await self.app(scope, receive, finish_then_send)
         finally:
             if not tx.closed:
-                await asyncio.to_thread(tx.rollback)
+                if tx.pending:
+                    await asyncio.to_thread(tx.rollback)
+                else:
+                    tx.close()
             end_transaction(token)
 
 

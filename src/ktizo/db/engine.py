@@ -53,6 +53,11 @@ class Transaction:
     def wrote(self) -> bool:
         return bool(self._sessions)
 
+    @property
+    def pending(self) -> bool:
+        """Something to commit or roll back, or to run after the commit."""
+        return bool(self._sessions or self._after_commit)
+
     def after_commit(self, callback: Callable[[], None]) -> None:
         self._after_commit.append(callback)
 
