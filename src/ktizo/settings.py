@@ -95,6 +95,42 @@ class Settings(BaseSettings):
     login_concurrency: int = Field(
         4, ge=1, description="Password checks (Argon2id, 64 MiB each) run at once; more sign-ins wait their turn."
     )
+    mtls_port: int = Field(
+        8443,
+        ge=0,
+        le=65535,
+        description="Ktizo's own mTLS listener for agents (check-in, renewal), on the --host address, with a "
+        "certificate from the agent CA; it asks every client for a certificate (0: off).",
+    )
+    agent_cert_days: float = Field(
+        30.0, gt=0, le=3650, description="Lifetime of an agent's certificate; agents renew at about 2/3 of it."
+    )
+    enrollment_ttl_hours: float = Field(
+        168.0,
+        gt=0,
+        description="A pending enrollment (and an approved one whose certificate is never picked up) expires after "
+        "this: its polling token dies, the host must enroll again.",
+    )
+    enroll_poll_seconds: int = Field(
+        60, ge=1, le=3600, description="How often a pending agent is told to ask again (poll_interval_seconds)."
+    )
+    agent_checkin_seconds: int = Field(
+        300, ge=5, le=86400, description="How often an enrolled agent checks in over mTLS."
+    )
+    mtls_names: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Extra DNS names or IP addresses for the mTLS listener's certificate (the public URL's host, "
+        "the --host address and this machine's addresses are always in it).",
+    )
+    mtls_url: str | None = Field(
+        None,
+        description="The URL agents use for Ktizo's mTLS door when it is not https://<public host>:<mtls port> "
+        "(behind a TLS-terminating proxy that forwards Client-Cert).",
+    )
+    manager_addresses: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Addresses agents whitelist for Ktizo's probes (default: the address the agent reached Ktizo at).",
+    )
     log_level: str = "info"
     access_log: bool = Field(
         False, description="Log every HTTP request (a boot storm makes thousands; the audit log has what matters)."
@@ -110,6 +146,14 @@ class Settings(BaseSettings):
         if isinstance(value, list):
             for item in value:
                 ipaddress.ip_network(str(item), strict=False)  # ValueError: pydantic names the setting
+        return value
+
+    @field_validator("mtls_names", "manager_addresses", mode="before")
+    @classmethod
+    def _name_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            return json.loads(text) if text.startswith("[") else [p.strip() for p in text.split(",") if p.strip()]
         return value
 
     @field_validator("data_dir")

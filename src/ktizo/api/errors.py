@@ -5,6 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
@@ -52,10 +55,28 @@ def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorOut, "description": text.get(code, "Error")} for code in codes}
 
 
+# The agent enrollment contract (seed 003) answers malformed input with 400, not 422.
+BAD_REQUEST_PATHS = ("/api/v1/enroll", "/api/v1/agent/")
+
+
+def _bad_request_path(request: Request) -> bool:
+    return request.url.path.startswith(BAD_REQUEST_PATHS)
+
+
 def install(app: FastAPI) -> None:
-    async def handle(_request: Request, exc: Exception) -> JSONResponse:
+    async def handle(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, KtizoError)
         headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthenticated) else retry_after(exc)
-        return JSONResponse(error_body(exc), status_code=status_for(exc), headers=headers or None)
+        status = status_for(exc)
+        if status == 422 and _bad_request_path(request):
+            status = 400
+        return JSONResponse(error_body(exc), status_code=status, headers=headers or None)
+
+    async def invalid_request(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        if _bad_request_path(request):
+            return JSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=400)
+        return await request_validation_exception_handler(request, exc)
 
     app.add_exception_handler(KtizoError, handle)
+    app.add_exception_handler(RequestValidationError, invalid_request)

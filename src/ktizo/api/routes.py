@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, FastAPI
 
-from ktizo.api import assets, audit, auth, cluster, devices, errors, groups, health, netboot, talos
+from ktizo.api import agents, assets, audit, auth, cluster, devices, errors, groups, health, netboot, talos
 
 
 def build_router() -> APIRouter:
@@ -18,6 +18,7 @@ def build_router() -> APIRouter:
     router.include_router(groups.router)
     router.include_router(audit.router)
     router.include_router(auth.router)
+    router.include_router(agents.router)
     return router
 
 

@@ -19,7 +19,7 @@ from ktizo.api import BodyLimitMiddleware, build_router, install_error_handlers
 from ktizo.api.docs import install_docs
 from ktizo.api.errors import ErrorOut
 from ktizo.app.wiring import build_services
-from ktizo.domain.addresses import Network, client_address, parse_networks
+from ktizo.domain.addresses import Network, client_address, is_trusted, parse_networks
 from ktizo.domain.errors import Conflict
 from ktizo.jobs.runner import JobRunner, default_jobs
 from ktizo.services.registry import Services
@@ -39,8 +39,12 @@ Every new machine knocks at Ktizo's door and waits as **pending** until an opera
 """
 
 
+CLIENT_CERT = b"client-cert"
+
+
 class ClientAddressMiddleware:
-    """Puts the real client's address in ``scope["client"]`` when the peer is a trusted proxy
+    """Puts the real client's address in ``scope["client"]`` when the peer is a trusted proxy, and drops a
+    ``Client-Cert`` header (RFC 9440) from every other peer
     (``KTIZO_TRUSTED_PROXIES``), so everything after it (throttles, budget, lease check, audit) sees the client."""
 
     def __init__(self, app: ASGIApp, trusted: tuple[Network, ...]) -> None:
@@ -48,6 +52,11 @@ class ClientAddressMiddleware:
         self.trusted = trusted
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and any(k == CLIENT_CERT for k, _v in scope["headers"]):
+            # RFC 9440: only a trusted TLS-terminating proxy may tell Ktizo which certificate its client showed.
+            peer = scope["client"][0] if scope.get("client") else None
+            if peer is None or not is_trusted(peer, self.trusted):
+                scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != CLIENT_CERT]}
         if self.trusted and scope["type"] == "http" and scope.get("client"):
             headers = {k: v for k, v in scope["headers"] if k in (b"forwarded", b"x-forwarded-for")}
             peer, _port = scope["client"]

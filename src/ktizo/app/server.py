@@ -8,14 +8,19 @@ holds at most half of those as long polls (services.download), closes a kept-ali
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import resource
+import socket
+import ssl
+from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ktizo.app.asgi import create_app
+from ktizo.services.authority import TlsFiles, listener_names
 from ktizo.services.registry import Services
 from ktizo.settings import Settings
 
@@ -108,6 +113,100 @@ def server_config(settings: Settings, services: Services, max_connections: int) 
     )
 
 
-def serve(settings: Settings, services: Services, max_connections: int) -> None:
-    """Run until interrupted."""
-    uvicorn.Server(server_config(settings, services, max_connections)).run()
+class MtlsProtocol(HeaderTimeoutProtocol):
+    """The protocol of Ktizo's mTLS listener: the client certificate the handshake verified goes into every
+    request's scope (``extensions.tls.client_cert_der``), where the agent door reads it."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        ssl_object = transport.get_extra_info("ssl_object")
+        self._client_cert: bytes | None = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+        super().connection_made(transport)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.scope["extensions"] = {"tls": {"client_cert_der": self._client_cert}}
+
+
+class ListenerError(Exception):
+    """The mTLS listener cannot start (its port is taken, say): the message says what to do."""
+
+
+def bind_mtls(settings: Settings) -> socket.socket | None:
+    """The mTLS listener's socket, bound before anything starts so that a port in use is a clear error."""
+    if not settings.mtls_port:
+        return None
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((settings.host, settings.mtls_port))
+    except OSError as exc:
+        sock.close()
+        raise ListenerError(
+            f"cannot open the mTLS listener on {settings.host}:{settings.mtls_port}: {exc.strerror or exc}. "
+            "Pick another port with --mtls-port (or KTIZO_MTLS_PORT), or turn it off with --mtls-port 0."
+        ) from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def mtls_context(files: TlsFiles) -> ssl.SSLContext:
+    """TLS 1.2 or newer, a client certificate from the agent CA required in the handshake."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(files.cert), str(files.key))
+    context.load_verify_locations(cafile=str(files.ca))
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def mtls_config(settings: Settings, app: Any, files: TlsFiles, max_connections: int) -> uvicorn.Config:
+    protocol = type("KtizoMtlsProtocol", (MtlsProtocol,), {"header_timeout": settings.header_timeout_seconds})
+    context = mtls_context(files)
+    return uvicorn.Config(
+        app,
+        log_level=settings.log_level,
+        access_log=settings.access_log,
+        proxy_headers=False,
+        http=protocol,
+        lifespan="off",  # the main listener runs the jobs
+        limit_concurrency=max_connections,
+        timeout_keep_alive=int(max(1, settings.keep_alive_seconds)),
+        timeout_graceful_shutdown=5,
+        ssl_certfile=str(files.cert),  # uvicorn wants one to call the factory; the factory builds the context
+        ssl_context_factory=lambda _config, _default: context,
+    )
+
+
+class _Companion(uvicorn.Server):
+    """A second server in the same loop: the main one owns the signals and tells this one to stop."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def serve(
+    settings: Settings, services: Services, max_connections: int, mtls_socket: socket.socket | None = None
+) -> None:
+    """Run until interrupted: the HTTP listener and, with ``mtls_socket``, Ktizo's mTLS listener beside it."""
+    main = uvicorn.Server(server_config(settings, services, max_connections))
+    if mtls_socket is None:
+        main.run()
+        return
+    names = listener_names(settings.host, settings.public_url, settings.mtls_names)
+    files = services.authority.listener_files(settings.data_dir / "tls", names)
+    log.info("mTLS listener on %s:%d for %s", settings.host, settings.mtls_port, ", ".join(names[:6]))
+    companion = _Companion(mtls_config(settings, main.config.app, files, max_connections))
+
+    async def both() -> None:
+        task = asyncio.create_task(companion.serve(sockets=[mtls_socket]))
+        try:
+            await main.serve()
+        finally:
+            companion.should_exit = True
+            await task
+
+    with asyncio.Runner(loop_factory=main.config.get_loop_factory()) as runner:
+        runner.run(both())

@@ -7,7 +7,9 @@ import datetime as dt
 
 from ktizo.db import Database
 from ktizo.pki.sealing import Sealer
+from ktizo.services.agents import AgentService
 from ktizo.services.audit import AuditService
+from ktizo.services.authority import AuthorityService
 from ktizo.services.boot import BootService
 from ktizo.services.bulk import BulkService
 from ktizo.services.cluster import ClusterService
@@ -64,6 +66,18 @@ def build_services(settings: Settings, db: Database | None = None, *, max_connec
         access_check=device_flow.check_access_token if settings.oauth_enabled else None,
     )
     max_held, per_address = held_limits(settings, max_connections)
+    authority = AuthorityService(db, sealer)
+    agents = AgentService(
+        db,
+        devices,
+        authority,
+        first_contact,
+        cert_days=settings.agent_cert_days,
+        enrollment_ttl=dt.timedelta(hours=settings.enrollment_ttl_hours),
+        poll_seconds=settings.enroll_poll_seconds,
+        checkin_seconds=settings.agent_checkin_seconds,
+        work_dir=settings.data_dir if settings.data_dir.is_dir() else None,
+    )
     return Services(
         db=db,
         source=source,
@@ -103,4 +117,6 @@ def build_services(settings: Settings, db: Database | None = None, *, max_connec
         users=UserService(db, concurrency=settings.login_concurrency),
         audit=AuditService(db),
         schema=SchemaService(db),
+        authority=authority,
+        agents=agents,
     )

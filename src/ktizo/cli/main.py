@@ -12,10 +12,11 @@ import typer
 from typer.core import TyperGroup
 
 from ktizo import __version__
-from ktizo.cli import assets, cluster, devices, groups, pxe, secrets, users
+from ktizo.cli import agents, assets, cluster, devices, groups, pxe, secrets, users
 from ktizo.cli.common import (
     GLOBAL_OPTIONS_HINT,
     State,
+    fail,
     make_private_dir,
     reports_errors_without_transaction,
     shown_url,
@@ -76,6 +77,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(devices.app, name="devices")
+app.add_typer(agents.app, name="agents")
+app.add_typer(agents.pki_app, name="pki")
 app.add_typer(users.users_app, name="users")
 app.add_typer(users.tokens_app, name="tokens")
 app.add_typer(users.audit_app, name="audit")
@@ -138,11 +141,15 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Address to listen on [default: 0.0.0.0]")] = None,
     port: Annotated[int | None, typer.Option(help="Port to listen on [default: 8000]")] = None,
     data_dir: DataDir = None,
+    mtls_port: Annotated[
+        int | None,
+        typer.Option(min=0, max=65535, help="Port of the mTLS listener for agents, on --host [default: 8443; 0: off]"),
+    ] = None,
 ) -> None:
     """Run the Ktizo server.
 
     It upgrades the database first, and on first start creates the user `admin`."""
-    from ktizo.app.server import connection_limit, raise_file_limit
+    from ktizo.app.server import ListenerError, bind_mtls, connection_limit, raise_file_limit
     from ktizo.app.server import serve as run_server
     from ktizo.app.wiring import build_services
 
@@ -154,11 +161,17 @@ def serve(
         updates["port"] = port
     if data_dir:
         updates["data_dir"] = data_dir.expanduser().resolve()
+    if mtls_port is not None:
+        updates["mtls_port"] = mtls_port
     settings = st.settings = st.settings.model_copy(update=updates)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     make_private_dir(settings.data_dir)
     settings.base_templates_dir.mkdir(parents=True, exist_ok=True)
 
+    try:
+        mtls_socket = bind_mtls(settings)
+    except ListenerError as exc:
+        fail(str(exc), 2)
     max_connections = connection_limit(settings, raise_file_limit())
     services = build_services(settings, max_connections=max_connections)
     typer.echo(f"Database: {shown_url(services.db.url)}  (upgrading schema…)")
@@ -192,8 +205,12 @@ def serve(
         typer.echo(f"Talos machines: talos.config={local}{download}")
     typer.echo(f"Web UI: {local}/ui")
     typer.echo(f"API docs: {local}/docs")
+    if mtls_socket is not None:
+        typer.echo(
+            f"Agents: mTLS on {settings.host}:{settings.mtls_port}; CA fingerprint {services.authority.fingerprint()}"
+        )
     typer.echo(f"Serving at most {max_connections} connections at once; more get 503.")
-    run_server(settings, services, max_connections)
+    run_server(settings, services, max_connections, mtls_socket)
 
 
 @db_app.command("upgrade")

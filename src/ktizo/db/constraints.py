@@ -26,6 +26,11 @@ _KNOWN: tuple[tuple[tuple[str, ...], str | None, str], ...] = (
     (("uq_users_username", "users.username"), "username", "that user name is taken"),
     (("uq_device_groups_name", "device_groups.name"), "name", "a group with this name exists"),
     (("uq_device_codes_user_code", "device_codes.user_code"), "user_code", "that console code is in use"),
+    (
+        ("uq_enrollments_device_id", "enrollments.device_id"),
+        "machine_id",
+        "this machine-id already has a live enrollment",
+    ),
     (("ck_devices_kind_fields",), "role", "a Talos machine has a role (controlplane or worker); an agent has none"),
 )
 

@@ -109,6 +109,11 @@ class Device(Base):
     install_disk: Mapped[str | None] = mapped_column(String(255))
     lease_ip: Mapped[str | None] = mapped_column(String(45))  # from dnsmasq: a second identity factor
     installed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)  # then iPXE boots the local disk
+    # Agents: the FQDN and the addresses their certificate names (set at approval from what the host reported and
+    # the operator accepted), and where `ktizo agents probe` reaches the agent (the check-in's peer and port).
+    fqdn: Mapped[str | None] = mapped_column(String(253))
+    addresses: Mapped[list[str]] = mapped_column(JSON, default=list, server_default="[]")
+    agent_address: Mapped[str | None] = mapped_column(String(64))
     extra_nics: Mapped[list[dict[str, Any]]] = mapped_column(
         JSON, default=list, server_default="[]"
     )  # [{mac, addresses: [...]}]
@@ -337,3 +342,56 @@ class ServiceToken(Base):
     name: Mapped[str] = mapped_column(String(32), primary_key=True)
     token_hash: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Authority(Base):
+    """Ktizo's agent CA: one row, made on first use. The key is sealed when a secret key is configured and never
+    leaves the services; ``crl_number`` grows with every CRL issued."""
+
+    __tablename__ = "pki_authority"
+    __table_args__ = (CheckConstraint("id = 1", name="one_row"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    cert_pem: Mapped[str] = mapped_column(Text)
+    key: Mapped[str] = mapped_column(Text)
+    fingerprint: Mapped[str] = mapped_column(String(71))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    crl_number: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+
+class Enrollment(Base):
+    """An agent's enrollment request while it is live: pending, or approved with its certificate waiting for the
+    one pickup. At most one per machine; the polling token is stored as its SHA-256 and dies with the row."""
+
+    __tablename__ = "enrollments"
+    __table_args__ = (CheckConstraint("status IN ('pending', 'approved')", name="status"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    device_id: Mapped[int] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), unique=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    csr_pem: Mapped[str] = mapped_column(Text)
+    key_type: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), default="pending", server_default="pending")
+    certificate_serial: Mapped[str | None] = mapped_column(String(40))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
+    source_ip: Mapped[str | None] = mapped_column(String(45))
+
+
+class AgentCertificate(Base):
+    """Every certificate the agent CA issued. Kept after its machine is purged (``device_id`` then NULL) until it
+    expires, so the CRL goes on listing it."""
+
+    __tablename__ = "agent_certificates"
+
+    serial: Mapped[str] = mapped_column(String(40), primary_key=True)  # hex, 32 digits
+    device_id: Mapped[int | None] = mapped_column(ForeignKey("devices.id", ondelete="SET NULL"), index=True)
+    machine_id: Mapped[str] = mapped_column(String(64))
+    cert_pem: Mapped[str] = mapped_column(Text)
+    not_before: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    not_after: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
+    issued_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    issued_by: Mapped[str] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(String(16))  # enroll | renew
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, index=True)
+    revoked_by: Mapped[str | None] = mapped_column(String(64))

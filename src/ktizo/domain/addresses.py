@@ -47,6 +47,10 @@ def _chain(forwarded: str | None, x_forwarded_for: str | None) -> list[str | Non
     return []
 
 
+def is_trusted(address: str, networks: Sequence[Network]) -> bool:
+    return _trusted(address, networks)
+
+
 def _trusted(address: str, networks: Sequence[Network]) -> bool:
     ip = ipaddress.ip_address(address)
     return any(ip in net for net in networks)

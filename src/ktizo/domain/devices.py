@@ -34,6 +34,7 @@ class Source(enum.StrEnum):
     DHCP = "dhcp"  # dnsmasq saw a lease
     IPXE = "ipxe"  # iPXE asked for its boot script
     DEVICE_CODE = "device_code"  # Talos's OAuth device flow
+    ENROLL = "enroll"  # a Linux host running ktizo-agent asked to enroll
 
 
 _ALLOWED: dict[DeviceStatus, frozenset[DeviceStatus]] = {

@@ -26,6 +26,7 @@ def default_jobs(services: Services) -> list[Job]:
     return [
         Job("expire-discovered", 60.0, work.expire_discovered),
         Job("expire-device-codes", 300.0, work.expire_device_codes),
+        Job("expire-enrollments", 60.0, services.agents.expire),
         Job("prune-audit", 3600.0, work.prune_audit),
     ]
 

@@ -59,6 +59,16 @@ ACTIONS = (
     "user_enable",
     "user_role",
     "password_reset",
+    "enroll",
+    "enroll_refused",
+    "cert_issue",
+    "cert_pickup",
+    "cert_revoke",
+    "ca_create",
+    "checkin",
+    "probe",
+    "purge",
+    "enrollment_expired",
 )
 
 

@@ -112,6 +112,8 @@ class DeviceService:
         self.watcher = watcher
         self.first_contact = first_contact or FirstContact()
         self.on_approve: list[ApprovalHook] = []
+        self.on_reject: list[ApprovalHook] = []  # agents: their certificates are revoked
+        self.on_delete: list[ApprovalHook] = []  # agents: enrollment gone, certificates revoked (purge)
 
     # -- reading ---------------------------------------------------------------------------------------
 
@@ -275,6 +277,11 @@ class DeviceService:
             values.pop("role", None)  # keep the device's role (worker unless pre-registered otherwise)
         if device.kind == MachineKind.AGENT.value:
             values.pop("role", None)
+            if not values.get("hostname") and not device.hostname:
+                reported = (device.facts or {}).get("hostname")
+                values["hostname"] = normalize_hostname(str(reported)) if reported else None
+                if not values["hostname"]:
+                    raise ValidationFailed("this agent reported no hostname: give one to approve it", "hostname")
         role = values.get("role", device.role)
         _guard_controlplane(actor, device.role, role, "approve")
         self._check_config_fields(device, values)
@@ -335,6 +342,8 @@ class DeviceService:
         audit.record(
             s, actor, "reject", device, {"from": previous, "revoked": previous == "approved", **(details or {})}
         )
+        for hook in self.on_reject:
+            hook(s, actor, device)
         self.notify(device.id)
         return device
 
@@ -355,6 +364,8 @@ class DeviceService:
                 device,
                 {"status": device.status, "hostname": device.hostname, "uuid": device.uuid},
             )
+            for hook in self.on_delete:
+                hook(s, actor, device)
             s.delete(device)
 
     def set_installed(self, actor: Actor, device_id: int, installed: bool) -> Device:

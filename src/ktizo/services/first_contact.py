@@ -130,7 +130,7 @@ class FirstContact:
         if device is None:
             if budget:
                 check_budget(s, knock.source_ip, self.new_per_minute)
-            new_id = _insert_ignoring_conflict(s, self._new_row(knock))
+            new_id = insert_ignoring_conflict(s, Device, self._new_row(knock), returning=Device.id)
             if new_id is not None:
                 device = s.get(Device, new_id)
                 assert device is not None
@@ -217,10 +217,9 @@ class FirstContact:
                 device.facts = merged
 
 
-def _insert_ignoring_conflict(s: Session, values: dict[str, Any]) -> int | None:
-    """INSERT … ON CONFLICT DO NOTHING: concurrent first contacts of one machine make exactly one row.
-
-    Returns the new id, or None when another transaction already made the row."""
+def insert_ignoring_conflict(s: Session, model: type[Any], values: dict[str, Any], *, returning: Any) -> Any:
+    """INSERT … ON CONFLICT DO NOTHING: concurrent first contacts of one machine (or first uses of one CA) make
+    exactly one row. Returns the ``returning`` column of the new row, or None when another transaction made it."""
     insert = postgresql.insert if s.get_bind().dialect.name == "postgresql" else sqlite.insert
-    stmt = insert(Device).values(**values).on_conflict_do_nothing().returning(Device.id)
+    stmt = insert(model).values(**values).on_conflict_do_nothing().returning(returning)
     return s.execute(stmt).scalar()

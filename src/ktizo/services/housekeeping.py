@@ -15,7 +15,7 @@ from sqlalchemy.engine import CursorResult
 from ktizo.db import Database
 from ktizo.db.models import AuditEvent, AuditRetention, Device, DeviceCode, Refusal
 from ktizo.db.types import utcnow
-from ktizo.domain.devices import DeviceStatus, Source
+from ktizo.domain.devices import DeviceStatus, MachineKind, Source
 from ktizo.services import audit
 from ktizo.services.context import Actor
 from ktizo.services.device_flow import ACCESS_TOKEN_TTL
@@ -39,6 +39,7 @@ class Housekeeping:
                 .where(
                     Device.status == DeviceStatus.PENDING.value,
                     Device.source != Source.MANUAL.value,
+                    Device.kind == MachineKind.TALOS.value,  # agents expire with their enrollment (services.agents)
                     Device.first_seen < cutoff,
                 )
                 .limit(BATCH)

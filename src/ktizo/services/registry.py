@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ktizo.db import Database
+from ktizo.services.agents import AgentService
 from ktizo.services.audit import AuditService
+from ktizo.services.authority import AuthorityService
 from ktizo.services.boot import BootService
 from ktizo.services.bulk import BulkService
 from ktizo.services.cluster import ClusterService
@@ -47,3 +49,5 @@ class Services:
     users: UserService
     audit: AuditService
     schema: SchemaService
+    authority: AuthorityService
+    agents: AgentService
