@@ -352,6 +352,7 @@ def banner(settings: Settings, monkeypatch: pytest.MonkeyPatch):  # type: ignore
     import ktizo.app.server
 
     monkeypatch.setattr(ktizo.app.server, "serve", lambda *args, **kwargs: None)
+    monkeypatch.setattr(ktizo.app.server, "bind_mtls", lambda settings: None)  # nor its mTLS listener
     monkeypatch.setattr(logging, "basicConfig", lambda **kwargs: None)  # the root logger is the test session's
 
     def run(*args: str, env: dict[str, str | None] | None = None) -> str:
