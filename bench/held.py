@@ -135,7 +135,13 @@ async def run(args: argparse.Namespace, url: str, port: int, pid: int, env: dict
             for i in range(args.connections)
         )
     )
-    await asyncio.sleep(3)
+    # Wait until the answers stop coming (a few thousand connections take the server seconds to accept and decide;
+    # counting too early would call the unanswered ones held).
+    seen, quiet_since = -1, time.monotonic()
+    while time.monotonic() - quiet_since < 3 and time.monotonic() - started < 60:
+        if len(answered) != seen:
+            seen, quiet_since = len(answered), time.monotonic()
+        await asyncio.sleep(0.2)
     opened = sum(s is not None for s in socks)
     refused_at_once = len(answered)
     health, health_failed = await probe(url, "/healthz", 200)

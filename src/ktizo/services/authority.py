@@ -15,7 +15,6 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from ktizo.db import Database
 from ktizo.db.models import AgentCertificate
@@ -103,14 +102,6 @@ class AuthorityService:
 
     def fingerprint(self) -> str:
         return self.authority().fingerprint
-
-    def reseal(self, s: Session, sealer: Sealer) -> bool:
-        """Re-seal the CA key with ``sealer`` (``ktizo secrets rekey``); whether anything changed."""
-        row = s.get(AuthorityRow, 1, with_for_update=True)
-        if row is None or not sealer.needs_reseal(row.key):
-            return False
-        row.key = sealer.seal(self.sealer.open(row.key))
-        return True
 
     # -- revocation ------------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ktizo.db import Database
-from ktizo.db.models import BaseConfigRow, ClusterSecrets, ClusterSettings, Device
+from ktizo.db.models import Authority, BaseConfigRow, ClusterSecrets, ClusterSettings, Device
 from ktizo.db.types import utcnow
 from ktizo.domain.devices import DeviceStatus, Role
 from ktizo.domain.errors import Conflict, FailedPrecondition, NotReady, ValidationFailed
@@ -492,6 +492,10 @@ class ClusterService:
                 if sealer.needs_reseal(base.content):
                     base.content = sealer.seal(self.sealer.open(base.content))
                     count += 1
+            ca = s.get(Authority, 1, with_for_update=True)  # the agent CA's key
+            if ca is not None and sealer.needs_reseal(ca.key):
+                ca.key = sealer.seal(self.sealer.open(ca.key))
+                count += 1
             audit.record(s, actor, "secrets_reseal", None, {"values": count, "sealed": sealer.enabled})
         if sealer.enabled:
             self._remove_plaintext_mirrors()

@@ -8,13 +8,24 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import RedirectResponse
 
+from ktizo.domain.clock import now as utcnow
 from ktizo.domain.errors import KtizoError, NotFound
 from ktizo.domain.identity import normalize_hostname, normalize_interface_address
 from ktizo.services.audit import AuditQuery
 from ktizo.services.devices import UNSET, DeviceChanges
 from ktizo.services.groups import normalize_labels
 from ktizo.services.records import Device
-from ktizo.web.device_forms import EDIT_FIELDS, ROLE_OPTIONS, after_change, arch, hardware, network_hint
+from ktizo.web.device_forms import (
+    EDIT_FIELDS,
+    ROLE_OPTIONS,
+    after_change,
+    arch,
+    hardware,
+    host_facts,
+    is_agent,
+    network_hint,
+    reported,
+)
 from ktizo.web.forms import Errors, note_error, parse, text, too_long
 from ktizo.web.routing import WebRoute
 from ktizo.web.session import CheckedForm, CurrentUser, WebUser, services_of
@@ -28,6 +39,8 @@ def detail_response(
 ) -> Response:
     services = services_of(request)
     history, history_total = services.audit.list(AuditQuery(device_id=device.id, limit=50))
+    if is_agent(device):
+        return _agent_response(request, user, device, history, history_total, status_code=status_code, **extra)
     config = config_error = None
     if user.can_operate:
         try:
@@ -58,6 +71,35 @@ def detail_response(
     }
     context.update(extra)
     return page(request, "devices/detail.html", user, nav="devices", status_code=status_code, **context)
+
+
+def _agent_response(
+    request: Request,
+    user: WebUser,
+    device: Device,
+    history: list[Any],
+    history_total: int,
+    *,
+    status_code: int,
+    **extra: Any,
+) -> Response:
+    """An agent host's page: what it reported, what was approved, its enrollment and certificates, its last
+    check-in's hardware; revoke and purge instead of a Talos machine's config preview, edit and delete."""
+    services = services_of(request)
+    context: dict[str, Any] = {
+        "d": device,
+        "history": history,
+        "history_total": history_total,
+        "reported": reported(device),
+        "host": host_facts(device),
+        "enrollment": services.agents.enrollment(device.id),
+        "certificates": services.agents.certificates(device.id),
+        "now": utcnow(),
+        "approve_values": {"hostname": device.hostname or "", "notes": device.notes or ""},
+        "approve_errors": {},
+    }
+    context.update(extra)
+    return page(request, "devices/agent_detail.html", user, nav="devices", status_code=status_code, **context)
 
 
 def _edit_values(device: Device) -> dict[str, Any]:

@@ -28,7 +28,9 @@ from ktizo.web.device_forms import (
     approved_message,
     arch,
     hardware,
+    host_facts,
     network_hint,
+    reported,
 )
 from ktizo.web.forms import Errors, note_error, text, too_long
 from ktizo.web.routing import WebRoute, is_htmx
@@ -143,6 +145,8 @@ def row_context(user: WebUser, **extra: Any) -> dict[str, Any]:
         "role_options": ROLE_OPTIONS,
         "hardware": hardware,
         "arch": arch,
+        "reported": reported,
+        "host_facts": host_facts,
         **extra,
     }
     context["ctx"] = context

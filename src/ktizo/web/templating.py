@@ -29,6 +29,7 @@ SOURCE_LABEL = {
     Source.DHCP.value: "DHCP lease",
     Source.IPXE.value: "iPXE boot",
     Source.DEVICE_CODE.value: "Console code",
+    Source.ENROLL.value: "Agent enrollment",
 }
 
 
@@ -83,6 +84,26 @@ def number(value: int) -> str:
     return f"{value:,}"
 
 
+def size(value: int | None) -> str:
+    """Bytes as a person reads them (binary units, as ``free -h`` and ``lsblk`` print them): '15.5 GiB'."""
+    if value is None:
+        return "?"
+    amount = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if amount < 1024 or unit == "TiB":
+            break
+        amount /= 1024
+    if unit == "B":
+        return f"{int(amount)} B"
+    return f"{amount:.1f} {unit}" if amount < 10 else f"{amount:.0f} {unit}"
+
+
+def short_id(value: str | None, keep: int = 12) -> str:
+    """A long identifier (an agent's machine-id) cut for a table cell; the full value goes in a title."""
+    text = value or ""
+    return text if len(text) <= keep + 1 else text[:keep] + "…"
+
+
 def _query(base: dict[str, Any], **changes: Any) -> str:
     merged = {**base, **changes}
     return urllib.parse.urlencode({k: v for k, v in merged.items() if v not in (None, "")})
@@ -95,7 +116,9 @@ env = Environment(
     trim_blocks=True,
     lstrip_blocks=True,
 )
-env.filters.update(ago=ago, exact=exact, iso=iso, stamp=stamp, number=number, detail=detail)
+env.filters.update(
+    ago=ago, exact=exact, iso=iso, stamp=stamp, number=number, detail=detail, size=size, short_id=short_id
+)
 env.globals.update(
     STATUS_LABEL=STATUS_LABEL,
     SOURCE_LABEL=SOURCE_LABEL,
