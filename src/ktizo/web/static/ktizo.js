@@ -65,15 +65,26 @@
   }
   setInterval(refreshTimes, 30000);
 
-  // Copy a one-time secret.
+  // Copy a one-time secret (an input) or a command (a <code> block).
   document.addEventListener("click", function (event) {
     var button = event.target.closest && event.target.closest("[data-copy]");
     if (!button) return;
-    var input = document.querySelector(button.getAttribute("data-copy"));
-    if (!input) return;
-    input.select();
+    var source = document.querySelector(button.getAttribute("data-copy"));
+    if (!source) return;
+    var text;
+    if (typeof source.select === "function") {
+      source.select();
+      text = source.value;
+    } else {
+      var range = document.createRange();
+      range.selectNodeContents(source);
+      var selection = window.getSelection();
+      selection.removeAllRanges();
+      selection.addRange(range);
+      text = source.textContent;
+    }
     if (navigator.clipboard) {
-      navigator.clipboard.writeText(input.value).then(function () { button.textContent = "Copied"; });
+      navigator.clipboard.writeText(text).then(function () { button.textContent = "Copied"; });
     }
   });
 
