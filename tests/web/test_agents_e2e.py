@@ -68,7 +68,7 @@ def test_an_agent_enrolls_is_approved_with_its_reported_hostname_and_the_install
     expect(page.locator("#ca-fingerprint")).to_have_text(fingerprint)
     command = f"ktizo-agent --enroll {live.url} --ca-fingerprint {fingerprint}"
     expect(page.locator("#enroll-command")).to_have_text(command)
-    expect(page.locator("#install-command")).to_have_text("pip install ktizo-agent")
+    expect(page.locator("#install-command")).to_have_text("pip install ./agent")
     page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=live.url)
     copy = page.get_by_role("button", name="Copy the enroll command")
     copy.click()

@@ -303,7 +303,7 @@ def test_the_install_page_shows_the_fingerprint_and_the_commands(ui: TestClient,
     assert f'<code id="ca-fingerprint" class="copy-text">{fingerprint}</code>' in r.text
     command = f"ktizo-agent --enroll http://testserver --ca-fingerprint {fingerprint}"
     assert f'<code id="enroll-command" class="copy-text">{command}</code>' in r.text
-    assert "pip install ktizo-agent" in r.text and "pip install ./agent" in r.text
+    assert "pip install ./agent" in r.text and "pip wheel --no-deps -w dist ./agent" in r.text
     assert 'href="http://testserver/api/v1/pki/ca.pem"' in r.text
     assert r.text.count("data-copy=") >= 3
     assert 'href="/ui/agents/install" aria-current="page"' in r.text  # the nav entry

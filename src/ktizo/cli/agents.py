@@ -190,7 +190,7 @@ def probe_agent(
     )
 
 
-INSTALL_HINT = "pip install ktizo-agent && ktizo-agent enroll URL --ca-fingerprint $(ktizo pki fingerprint)"
+INSTALL_HINT = "pip install ./agent && ktizo-agent --enroll URL --ca-fingerprint $(ktizo pki fingerprint)"
 
 
 @pki_app.command("init")

@@ -18,8 +18,10 @@ from ktizo.web.templating import page, set_flash
 
 router = APIRouter(route_class=WebRoute, include_in_schema=False)
 
-INSTALL_FROM_INDEX = "pip install ktizo-agent"
-INSTALL_FROM_CHECKOUT = "pip install ./agent"
+# ktizo-agent is not published on PyPI (a package of that name there would not be this one): install it from
+# Ktizo's checkout, or from a wheel built once from it.
+INSTALL_FROM_INDEX = "pip install ./agent"
+INSTALL_FROM_CHECKOUT = "pip wheel --no-deps -w dist ./agent   # then on each host: pip install ktizo_agent-*.whl"
 CA_PATH = "/api/v1/pki/ca.pem"
 WAITING_LIMIT = 1000
 
