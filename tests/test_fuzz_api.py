@@ -75,6 +75,8 @@ def test_openapi_documents_the_seed_contract(client: TestClient) -> None:
         "/api/v1/config/download": {"get", "post"},
         "/api/v1/cluster/base/{role}": {"get", "put"},
         "/api/v1/audit": {"get"},
+        "/api/v1/enroll": {"post"},
+        "/api/v1/enroll/status/{token}": {"get"},
     }
     for path, methods in expected.items():
         assert methods <= set(paths[path]), path

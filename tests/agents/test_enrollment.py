@@ -315,3 +315,52 @@ def test_client_cert_header_counts_only_from_a_trusted_proxy(make_client: Any) -
     r = untrusted.post("/api/v1/agent/checkin", json={"facts": {}}, headers=header)
     assert r.status_code == 403
     assert "client certificate" in r.json()["detail"]
+
+
+def test_enrollment_is_rate_limited_per_address(make_client: Any) -> None:
+    """The new-machine budget counts agents too: an address that brought its share this minute gets 429."""
+    client, _services = make_client(new_devices_per_minute=2)
+    enroll(client)
+    enroll(client)
+    r = client.post("/api/v1/enroll", json=body())
+    assert r.status_code == 429
+    assert int(r.headers["retry-after"]) >= 1
+    assert "too many new machines" in r.json()["detail"]
+
+
+def test_the_enrollment_doors_survive_fuzzing(client: TestClient, services: Services) -> None:
+    """Schemathesis on the enrollment and agent doors alone, with more cases than the whole-API run: no 5xx, every
+    answer as documented (400, 409, 413, 429 included)."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis import checks
+
+    schema = schemathesis.openapi.from_asgi("/openapi.json", client.app)
+    doors = [
+        op.ok()
+        for op in schema.get_all_operations()
+        if op.ok().path.startswith(("/api/v1/enroll", "/api/v1/agent/", "/api/v1/pki/"))
+    ]
+    assert len(doors) >= 6
+    failures = []
+    for operation in doors:
+
+        @given(case=operation.as_strategy())
+        @settings(
+            max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None
+        )
+        def fuzz(case: Any) -> None:
+            case.call_and_validate(
+                checks=[
+                    checks.not_a_server_error,
+                    checks.status_code_conformance,
+                    checks.content_type_conformance,
+                    checks.response_schema_conformance,
+                ]
+            )
+
+        try:
+            fuzz()
+        except Exception as exc:
+            failures.append(f"{operation.method.upper()} {operation.path}: {exc}")
+    assert not failures, "\n\n".join(failures)

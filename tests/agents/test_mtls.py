@@ -5,6 +5,7 @@ in the handshake (by httpx, and by openssl s_client and curl, clients we did not
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import socket
 import ssl
@@ -345,3 +346,48 @@ def test_a_port_in_use_is_a_clear_error_at_start(tmp_path: Path, database_url: s
     assert r.returncode == 2
     assert f"cannot open the mTLS listener on 127.0.0.1:{port}" in r.stderr
     assert "--mtls-port 0" in r.stderr
+
+
+def test_two_agent_processes_with_one_machine_id(server: Server, tmp_path: Path) -> None:
+    """Two ktizo-agent processes (a cloned image, say) enroll with one machine-id at once: one enrollment exists,
+    the other process is told 409 and what to do; after approval only the first gets the certificate."""
+    machine_id_file = tmp_path / "machine-id"
+    machine_id_file.write_text(secrets.token_hex(16) + "\n")
+    os_release = tmp_path / "os-release"
+    os_release.write_text('ID=debian\nVERSION_ID="12"\n')
+    fingerprint = server.services.authority.fingerprint()
+
+    def agent(n: int, *extra: str) -> subprocess.Popen[str]:
+        home = tmp_path / f"host{n}"
+        return subprocess.Popen(
+            [
+                sys.executable, "-m", "ktizo_agent", "enroll", server.url, "--ca-fingerprint", fingerprint,
+                "--config", str(home / "config.yaml"), "--cert-dir", str(home / "certs"),
+                "--whitelist", str(home / "whitelist.yaml"), "--machine-id-file", str(machine_id_file),
+                "--os-release-file", str(os_release), "--hostname", "web-01", "--ip-address", "10.0.7.21", *extra,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+
+    first, second = agent(1, "--max-attempts", "3"), agent(2, "--max-attempts", "3")
+    outcomes = sorted((p.wait(60), p.stderr.read() if p.stderr else "") for p in (first, second))
+    (refused, refused_err), (waited, _) = outcomes
+    assert (refused, waited) == (1, 5), outcomes  # 409 at once; the other polled 3 times and gave up, pending
+    assert "already has an enrollment" in refused_err
+    assert len(server.services.agents.list()) == 1
+    winner = (
+        1
+        if (tmp_path / "host1" / "config.yaml").exists()
+        and "polling_token" in (tmp_path / "host1" / "config.yaml").read_text()
+        else 2
+    )
+
+    server.services.agents.approve(Actor.cli(), machine_id_file.read_text().strip())
+    done = agent(winner)
+    assert done.wait(60) == 0, done.stderr.read() if done.stderr else ""
+    assert (tmp_path / f"host{winner}" / "certs" / "server.pem").is_file()
+    loser = agent(3 - winner, "--max-attempts", "1")
+    assert loser.wait(60) == 1
+    assert not (tmp_path / f"host{3 - winner}" / "certs" / "server.pem").exists()
