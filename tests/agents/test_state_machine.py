@@ -170,6 +170,7 @@ def machine(tmp_path: Path, database_url: str) -> Iterator[type[Enrollments]]:
             last_seen_interval=0,
             long_poll_seconds=0,
             trusted_proxies=["10.0.0.0/24"],
+            new_devices_per_minute=0,  # every host here comes from one address, and the test's clock stands still
         )
         services = build_services(config)
         with TestClient(create_app(config, services), client=("10.0.0.9", 4000)) as client:
