@@ -28,6 +28,9 @@ from tests.support import TALOS_FIXTURES, bearer, make_token
 PG_URL = os.environ.get("KTIZO_TEST_DATABASE_URL", "")
 TABLES = (
     "audit_events",
+    "agent_api_keys",
+    "site_enrollment_keys",
+    "sites",
     "agent_certificates",
     "enrollments",
     "pki_authority",

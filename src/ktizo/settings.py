@@ -122,6 +122,13 @@ class Settings(BaseSettings):
         description="Extra DNS names or IP addresses for the mTLS listener's certificate (the public URL's host, "
         "the --host address and this machine's addresses are always in it).",
     )
+    enroll_requests_per_minute: int = Field(
+        60, ge=0, description="Enrollment requests one address may make per minute, all enrollment doors (0: no limit)."
+    )
+    enroll_failures_before_lockout: int = Field(
+        5, ge=1, description="Refused site keys from one address for one site before that pair is locked out."
+    )
+    enroll_lockout_minutes: float = Field(15.0, gt=0, description="How long a (site, address) pair stays locked out.")
     mtls_url: str | None = Field(
         None,
         description="The URL agents use for Ktizo's mTLS door when it is not https://<public host>:<mtls port> "

@@ -79,6 +79,7 @@ class Host:
 
 def start(tmp_path: Path, database_url: str, *extra: str, **env_over: str) -> Server:
     port, mtls = free_port(), free_port()
+    tmp_path.mkdir(parents=True, exist_ok=True)
     data = tmp_path / "server"
     env = {
         **os.environ,
@@ -375,7 +376,7 @@ def test_two_agent_processes_with_one_machine_id(server: Server, tmp_path: Path)
     outcomes = sorted((p.wait(60), p.stderr.read() if p.stderr else "") for p in (first, second))
     (refused, refused_err), (waited, _) = outcomes
     assert (refused, waited) == (1, 5), outcomes  # 409 at once; the other polled 3 times and gave up, pending
-    assert "already has an enrollment" in refused_err
+    assert "enrollment" in refused_err.lower() and "purge" in refused_err.lower()
     assert len(server.services.agents.list()) == 1
     winner = (
         1
@@ -391,3 +392,30 @@ def test_two_agent_processes_with_one_machine_id(server: Server, tmp_path: Path)
     loser = agent(3 - winner, "--max-attempts", "1")
     assert loser.wait(60) == 1
     assert not (tmp_path / f"host{3 - winner}" / "certs" / "server.pem").exists()
+
+
+def test_the_lockout_is_shared_by_two_server_processes(tmp_path: Path, database_url: str) -> None:
+    """Refused keys counted by one Ktizo process lock the pair out on another one over the same database."""
+    one = start(tmp_path / "one", database_url, KTIZO_NEW_DEVICES_PER_MINUTE="0")
+    two = start(tmp_path / "two", database_url, KTIZO_NEW_DEVICES_PER_MINUTE="0")
+    try:
+        one.services.sites.create(Actor.cli(), "fra1")
+        cek, _ = one.services.sites.rotate_key(Actor.cli(), "fra1")
+
+        def attempt(server: Server, key_text: str) -> httpx.Response:
+            payload = body(hostname="web-01")
+            payload.pop("machine_id")
+            payload.update(site_code="fra1", enrollment_key=key_text, machine_uid=secrets.token_hex(32))
+            return httpx.post(f"{server.url}/api/enroll", json=payload, timeout=20)
+
+        wrong = "cek_" + secrets.token_urlsafe(32)
+        assert [attempt(one, wrong).status_code for _ in range(3)] == [401, 401, 401]
+        assert [attempt(two, wrong).status_code for _ in range(2)] == [401, 401]
+        locked = attempt(one, cek)
+        assert locked.status_code == 429 and int(locked.headers["retry-after"]) > 0
+        assert attempt(two, cek).status_code == 429
+    finally:
+        for server in (one, two):
+            server.proc.terminate()
+            server.proc.wait(10)
+            server.services.db.dispose()

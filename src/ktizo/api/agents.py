@@ -62,6 +62,7 @@ class BundleOut(BaseModel):
     not_after: str
     manager_addresses: list[str]
     mtls_url: str | None
+    agent_api_key: str | None = Field(None, description="Zero-touch agents: their cak_ key, shown once")
 
 
 class CheckinIn(_Strict):
@@ -160,6 +161,12 @@ def client_certificate(request: Request) -> bytes | None:
     return None
 
 
+def agent_api_key(request: Request) -> str | None:
+    """A zero-touch agent's ``cak_`` key, sent as ``Authorization: Bearer cak_…`` beside its certificate."""
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    return value.strip() if scheme.lower() == "bearer" and value.strip().startswith("cak_") else None
+
+
 # -- the enrollment door (no auth) -------------------------------------------------------------------
 
 
@@ -255,14 +262,18 @@ _MTLS_ERRORS: dict[int | str, dict[str, Any]] = {
 @router.post("/api/v1/agent/checkin", response_model=CheckinOut, responses=_MTLS_ERRORS)
 def checkin(body: CheckinIn, request: Request, services: ServicesDep) -> CheckinOut:
     """An enrolled agent's heartbeat over mTLS: its facts, and the port its own listener is on."""
-    out = services.agents.checkin(client_certificate(request), client_ip(request), body.facts, body.listen_port)
+    out = services.agents.checkin(
+        client_certificate(request), client_ip(request), body.facts, body.listen_port, agent_api_key(request)
+    )
     return CheckinOut(**out)
 
 
 @router.post("/api/v1/agent/renew", response_model=BundleOut, responses=_MTLS_ERRORS)
 def renew(body: RenewIn, request: Request, services: ServicesDep) -> Any:
     """A new certificate for a new key, over mTLS with the current one."""
-    bundle = services.agents.renew(client_certificate(request), client_ip(request), body.csr_pem, endpoint(request))
+    bundle = services.agents.renew(
+        client_certificate(request), client_ip(request), body.csr_pem, endpoint(request), agent_api_key(request)
+    )
     return JSONResponse(bundle.as_dict(), headers={"Cache-Control": "no-store"})
 
 

@@ -56,7 +56,7 @@ def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 
 # The agent enrollment contract (seed 003) answers malformed input with 400, not 422.
-BAD_REQUEST_PATHS = ("/api/v1/enroll", "/api/v1/agent/")
+BAD_REQUEST_PATHS = ("/api/v1/enroll", "/api/v1/agent/", "/api/enroll")
 
 
 def _bad_request_path(request: Request) -> bool:

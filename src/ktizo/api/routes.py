@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, FastAPI
 
-from ktizo.api import agents, assets, audit, auth, cluster, devices, errors, groups, health, netboot, talos
+from ktizo.api import agents, assets, audit, auth, cluster, devices, errors, groups, health, netboot, sites, talos
 
 
 def build_router() -> APIRouter:
@@ -19,6 +19,7 @@ def build_router() -> APIRouter:
     router.include_router(audit.router)
     router.include_router(auth.router)
     router.include_router(agents.router)
+    router.include_router(sites.router)
     return router
 
 

@@ -26,8 +26,10 @@ from ktizo.services.preview import PreviewService
 from ktizo.services.registry import Services
 from ktizo.services.render import ConfigSource, RenderCache, Renderer
 from ktizo.services.schema import SchemaService
+from ktizo.services.sites import SiteService
 from ktizo.services.users import UserService
 from ktizo.services.watch import ApprovalWatcher
+from ktizo.services.zero_touch import ZeroTouch
 from ktizo.settings import Settings
 from ktizo.talos import parse_talos_version
 
@@ -78,6 +80,18 @@ def build_services(settings: Settings, db: Database | None = None, *, max_connec
         checkin_seconds=settings.agent_checkin_seconds,
         work_dir=settings.data_dir if settings.data_dir.is_dir() else None,
     )
+    sites = SiteService(db, concurrency=settings.login_concurrency)
+    zero_touch = ZeroTouch(
+        db,
+        sites,
+        agents,
+        devices,
+        first_contact,
+        requests_per_minute=settings.enroll_requests_per_minute,
+        failures_before_lockout=settings.enroll_failures_before_lockout,
+        lockout=dt.timedelta(minutes=settings.enroll_lockout_minutes),
+        online_window=dt.timedelta(seconds=3 * settings.agent_checkin_seconds),
+    )
     return Services(
         db=db,
         source=source,
@@ -119,4 +133,6 @@ def build_services(settings: Settings, db: Database | None = None, *, max_connec
         schema=SchemaService(db),
         authority=authority,
         agents=agents,
+        sites=sites,
+        zero_touch=zero_touch,
     )

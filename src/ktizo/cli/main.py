@@ -12,7 +12,7 @@ import typer
 from typer.core import TyperGroup
 
 from ktizo import __version__
-from ktizo.cli import agents, assets, cluster, devices, groups, pxe, secrets, users
+from ktizo.cli import agents, assets, cluster, devices, groups, pxe, secrets, sites, users
 from ktizo.cli.common import (
     GLOBAL_OPTIONS_HINT,
     State,
@@ -79,6 +79,7 @@ app = typer.Typer(
 app.add_typer(devices.app, name="devices")
 app.add_typer(agents.app, name="agents")
 app.add_typer(agents.pki_app, name="pki")
+app.add_typer(sites.app, name="sites")
 app.add_typer(users.users_app, name="users")
 app.add_typer(users.tokens_app, name="tokens")
 app.add_typer(users.audit_app, name="audit")

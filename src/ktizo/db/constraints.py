@@ -12,6 +12,7 @@ from ktizo.domain.errors import Conflict
 _KNOWN: tuple[tuple[tuple[str, ...], str | None, str], ...] = (
     (("uq_devices_mac_address", "devices.mac_address"), "mac_address", "a machine with this MAC address exists"),
     (("uq_devices_machine_id", "devices.machine_id"), "machine_id", "a machine with this machine-id exists"),
+    (("uq_devices_machine_uid", "devices.machine_uid"), "machine_uid", "a machine with this machine_uid exists"),
     (("uq_devices_uuid_without_mac", "devices.uuid"), "uuid", "a machine known only by this UUID exists"),
     (
         ("uq_devices_approved_hostname", "devices.hostname"),
@@ -29,7 +30,8 @@ _KNOWN: tuple[tuple[tuple[str, ...], str | None, str], ...] = (
     (
         ("uq_enrollments_device_id", "enrollments.device_id"),
         "machine_id",
-        "this machine-id already has a live enrollment",
+        "this machine-id already has an enrollment in Ktizo: keep polling with the saved token, or ask an operator "
+        "to approve it, or to purge it so that the host can start over",
     ),
     (("ck_devices_kind_fields",), "role", "a Talos machine has a role (controlplane or worker); an agent has none"),
 )

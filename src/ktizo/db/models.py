@@ -49,7 +49,8 @@ class Device(Base):
         CheckConstraint("role IN ('controlplane', 'worker')", name="role"),
         CheckConstraint("kind IN ('talos', 'agent')", name="kind"),
         CheckConstraint(
-            "(kind = 'talos' AND role IS NOT NULL) OR (kind = 'agent' AND role IS NULL AND machine_id IS NOT NULL)",
+            "(kind = 'talos' AND role IS NOT NULL) OR "
+            "(kind = 'agent' AND role IS NULL AND (machine_id IS NOT NULL OR machine_uid IS NOT NULL))",
             name="kind_fields",
         ),
         Index("ix_devices_first_ip_first_seen", "first_ip", "first_seen"),
@@ -114,6 +115,11 @@ class Device(Base):
     fqdn: Mapped[str | None] = mapped_column(String(253))
     addresses: Mapped[list[str]] = mapped_column(JSON, default=list, server_default="[]")
     agent_address: Mapped[str | None] = mapped_column(String(64))
+    # Zero-touch agents: their site, the machine_uid they enrolled with (a hash of the machine-id and Ktizo's CA
+    # fingerprint), the version of the site key they used, and whether they are active or held at the collision gate.
+    site_id: Mapped[int | None] = mapped_column(ForeignKey("sites.id", ondelete="SET NULL"), index=True)
+    machine_uid: Mapped[str | None] = mapped_column(String(80), unique=True)
+    key_version: Mapped[int | None] = mapped_column(Integer)
     extra_nics: Mapped[list[dict[str, Any]]] = mapped_column(
         JSON, default=list, server_default="[]"
     )  # [{mac, addresses: [...]}]
@@ -364,7 +370,7 @@ class Enrollment(Base):
     one pickup. At most one per machine; the polling token is stored as its SHA-256 and dies with the row."""
 
     __tablename__ = "enrollments"
-    __table_args__ = (CheckConstraint("status IN ('pending', 'approved')", name="status"),)
+    __table_args__ = (CheckConstraint("status IN ('pending', 'approved', 'rejected')", name="status"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     device_id: Mapped[int] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), unique=True)
@@ -376,6 +382,12 @@ class Enrollment(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
     source_ip: Mapped[str | None] = mapped_column(String(45))
+    # Zero-touch: the site and key version it came with, and, at the collision gate, what the claimant reported
+    # (the machine it collides with is ``device_id``; nothing is minted until an operator decides).
+    site_id: Mapped[int | None] = mapped_column(ForeignKey("sites.id", ondelete="CASCADE"))
+    key_version: Mapped[int | None] = mapped_column(Integer)
+    collision: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    claim: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, server_default="{}")
 
 
 class AgentCertificate(Base):
@@ -395,3 +407,61 @@ class AgentCertificate(Base):
     reason: Mapped[str] = mapped_column(String(16))  # enroll | renew
     revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, index=True)
     revoked_by: Mapped[str | None] = mapped_column(String(64))
+
+
+class Site(Base):
+    """A site whose agents enroll with its key, without an operator when its policy is ``auto-approve``."""
+
+    __tablename__ = "sites"
+    __table_args__ = (CheckConstraint("enrollment_policy IN ('auto-approve', 'manual')", name="policy"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    site_code: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(200), default="", server_default="")
+    enrollment_policy: Mapped[str] = mapped_column(String(16), default="auto-approve", server_default="auto-approve")
+    max_pending: Mapped[int | None] = mapped_column(Integer)
+    max_agents: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    created_by: Mapped[str] = mapped_column(String(64), default="", server_default="")
+
+
+class SiteKey(Base):
+    """A site's enrollment key (``cek_…``): its Argon2id hash, version and fingerprint. Exactly one is active per
+    site (a partial unique index); a rotation deactivates the old one and inserts the next in one transaction."""
+
+    __tablename__ = "site_enrollment_keys"
+    __table_args__ = (
+        UniqueConstraint("site_id", "version", name="uq_site_enrollment_keys_site_version"),
+        Index(
+            "uq_site_enrollment_keys_active",
+            "site_id",
+            unique=True,
+            sqlite_where=text("active"),
+            postgresql_where=text("active"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    site_id: Mapped[int] = mapped_column(ForeignKey("sites.id", ondelete="CASCADE"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    key_hash: Mapped[str] = mapped_column(String(255))
+    fingerprint: Mapped[str] = mapped_column(String(4))
+    active: Mapped[bool] = mapped_column(Boolean, default=True, server_default=text("true"))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    created_by: Mapped[str] = mapped_column(String(64))
+    expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    max_uses: Mapped[int | None] = mapped_column(Integer)
+    uses: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    deactivated_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+
+
+class AgentApiKey(Base):
+    """A zero-touch agent's API key (``cak_<id>_<secret>``): the secret's SHA-256, never the secret."""
+
+    __tablename__ = "agent_api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    device_id: Mapped[int | None] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"), index=True)
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)

@@ -27,7 +27,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from ktizo.db import Database
-from ktizo.db.models import AgentCertificate, Device, Enrollment
+from ktizo.db.models import AgentApiKey, AgentCertificate, Device, Enrollment
 from ktizo.db.types import utcnow
 from ktizo.domain.devices import DeviceStatus, MachineKind, Source
 from ktizo.domain.errors import Conflict, FailedPrecondition, NotFound, PermissionDenied, ValidationFailed
@@ -42,6 +42,7 @@ from ktizo.services.devices import DeviceChanges, DeviceService
 from ktizo.services.first_contact import FirstContact, Knock
 
 TOKEN_BYTES = 32  # 256 bits
+API_KEY_PREFIX = "cak_"
 MAX_ADDRESSES = 32
 MAX_OS_FIELD = 128
 MAX_FACTS_BYTES = 256 * 1024
@@ -74,9 +75,10 @@ class Bundle:
     not_after: str
     manager_addresses: list[str]
     mtls_url: str | None
+    agent_api_key: str | None = None  # zero-touch agents: their cak_ key, shown once
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "ca_crt": self.ca_crt,
             "server_crt": self.server_crt,
             "chain": self.chain,
@@ -84,6 +86,9 @@ class Bundle:
             "manager_addresses": self.manager_addresses,
             "mtls_url": self.mtls_url,
         }
+        if self.agent_api_key is not None:
+            out["agent_api_key"] = self.agent_api_key
+        return out
 
 
 @dataclass(frozen=True)
@@ -104,9 +109,10 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def validate_request(req: EnrollRequest) -> dict[str, Any]:
-    """The enrollment's fields checked and normalised; the CSR is checked by ``pki.check_csr``."""
-    machine_id = normalize_machine_id(req.machine_id)
+def validate_request(req: EnrollRequest, *, with_machine_id: bool = True) -> dict[str, Any]:
+    """The enrollment's fields checked and normalised; the CSR is checked by ``pki.check_csr``. Zero-touch
+    enrollment sends a machine_uid instead of the machine-id (``with_machine_id=False``)."""
+    machine_id = normalize_machine_id(req.machine_id) if with_machine_id else None
     hostname = normalize_hostname(req.hostname, "hostname")
     fqdn = normalize_hostname(req.fqdn, "fqdn") if req.fqdn else None
     if len(req.ip_addresses) > MAX_ADDRESSES:
@@ -241,7 +247,7 @@ class AgentService:
                 return PollAnswer("unknown")
             device = s.get(Device, row.device_id)
             assert device is not None
-            if device.status == DeviceStatus.REJECTED.value:
+            if row.status == "rejected" or device.status == DeviceStatus.REJECTED.value:
                 return PollAnswer("rejected")
             if device.status == DeviceStatus.PENDING.value or row.status != "approved":
                 self._touch(device, source_ip)
@@ -252,14 +258,15 @@ class AgentService:
                 return PollAnswer("unknown")
             self._touch(device, source_ip)
             audit.record(s, Actor.device(source_ip), "cert_pickup", device, {"serial": cert.serial})
-            return PollAnswer("approved", self._bundle(cert, endpoint))
+            api_key = self.mint_api_key(s, device) if row.site_id is not None else None
+            return PollAnswer("approved", self._bundle(cert, endpoint, api_key))
 
     def _touch(self, device: Device, source_ip: str | None) -> None:
         now = utcnow()
         if device.last_seen is None or (now - device.last_seen).total_seconds() >= self.first_contact.touch_interval:
             device.last_seen, device.last_ip = now, source_ip
 
-    def _bundle(self, cert: AgentCertificate, endpoint: Endpoint) -> Bundle:
+    def _bundle(self, cert: AgentCertificate, endpoint: Endpoint, api_key: str | None = None) -> Bundle:
         ca = self.authority.ca_pem()
         return Bundle(
             ca_crt=ca,
@@ -268,6 +275,46 @@ class AgentService:
             not_after=cert.not_after.isoformat().replace("+00:00", "Z"),
             manager_addresses=endpoint.manager_addresses,
             mtls_url=endpoint.mtls_url,
+            agent_api_key=api_key,
+        )
+
+    # -- agent API keys (cak_) ---------------------------------------------------------------------------
+
+    @staticmethod
+    def mint_api_key(s: Session, device: Device) -> str:
+        """A new ``cak_<id>_<secret>`` for the agent, its earlier ones revoked; only the secret's SHA-256 is kept."""
+        now = utcnow()
+        s.execute(
+            update(AgentApiKey)
+            .where(AgentApiKey.device_id == device.id, AgentApiKey.revoked_at.is_(None))
+            .values(revoked_at=now)
+        )
+        secret = secrets.token_urlsafe(TOKEN_BYTES)
+        row = AgentApiKey(device_id=device.id, secret_hash=token_hash(secret), created_at=now)
+        s.add(row)
+        s.flush()
+        return f"{API_KEY_PREFIX}{row.id}_{secret}"
+
+    @staticmethod
+    def api_key_owner(s: Session, key: str | None) -> int | None:
+        """The device a live ``cak_`` key belongs to, or None (malformed, unknown, revoked, wrong secret)."""
+        if not key or not key.startswith(API_KEY_PREFIX) or len(key) > 128:
+            return None
+        key_id, _, secret = key[len(API_KEY_PREFIX) :].partition("_")
+        if not key_id.isdigit() or len(key_id) > 9 or not secret:
+            return None
+        row = s.get(AgentApiKey, int(key_id))
+        if row is None or row.revoked_at is not None:
+            return None
+        if not hmac.compare_digest(row.secret_hash, token_hash(secret)):
+            return None
+        return row.device_id
+
+    @staticmethod
+    def has_api_key(s: Session, device_id: int) -> bool:
+        return (
+            s.scalar(select(AgentApiKey.id).where(AgentApiKey.device_id == device_id, AgentApiKey.revoked_at.is_(None)))
+            is not None
         )
 
     # -- the state machine's hooks ---------------------------------------------------------------------
@@ -352,6 +399,11 @@ class AgentService:
     @staticmethod
     def _revoke_all(s: Session, actor: Actor, device: Device, why: str) -> list[str]:
         now = utcnow()
+        s.execute(
+            update(AgentApiKey)
+            .where(AgentApiKey.device_id == device.id, AgentApiKey.revoked_at.is_(None))
+            .values(revoked_at=now)
+        )
         serials = list(
             s.scalars(
                 select(AgentCertificate.serial).where(
@@ -442,9 +494,12 @@ class AgentService:
 
     # -- the mTLS door ---------------------------------------------------------------------------------
 
-    def authenticate(self, s: Session, cert_der: bytes | None) -> tuple[Device, AgentCertificate]:
+    def authenticate(
+        self, s: Session, cert_der: bytes | None, api_key: str | None = None
+    ) -> tuple[Device, AgentCertificate]:
         """The agent presenting ``cert_der``: a certificate of this CA, issued to an agent, not revoked, not
-        expired, whose machine is approved. Anything else is ``PermissionDenied``."""
+        expired, whose machine is approved; an agent that holds a ``cak_`` key must present it too. Anything else
+        is ``PermissionDenied``."""
         if not cert_der:
             raise PermissionDenied("this door needs the agent's client certificate (mTLS)")
         try:
@@ -462,15 +517,22 @@ class AgentService:
         device = s.get(Device, row.device_id, with_for_update=True)
         if device is None or device.status != DeviceStatus.APPROVED.value:
             raise PermissionDenied("this agent is not approved")
+        if (api_key or self.has_api_key(s, device.id)) and self.api_key_owner(s, api_key) != device.id:
+            raise PermissionDenied("this agent's API key (Authorization: Bearer cak_…) is missing or wrong")
         return device, row
 
     def checkin(
-        self, cert_der: bytes | None, peer_ip: str | None, facts: dict[str, Any], listen_port: int | None
+        self,
+        cert_der: bytes | None,
+        peer_ip: str | None,
+        facts: dict[str, Any],
+        listen_port: int | None,
+        api_key: str | None = None,
     ) -> dict[str, Any]:
         if len(json.dumps(facts)) > MAX_FACTS_BYTES:
             raise ValidationFailed(f"facts are at most {MAX_FACTS_BYTES} bytes of JSON", "facts")
         with self.db.write() as s:
-            device, cert = self.authenticate(s, cert_der)
+            device, cert = self.authenticate(s, cert_der, api_key)
             now = utcnow()
             device.last_seen, device.last_ip = now, peer_ip
             device.facts = {**(device.facts or {}), "host": facts, "host_at": now.isoformat()}
@@ -490,11 +552,13 @@ class AgentService:
                 "not_after": cert.not_after.isoformat().replace("+00:00", "Z"),
             }
 
-    def renew(self, cert_der: bytes | None, peer_ip: str | None, csr_pem: str, endpoint: Endpoint) -> Bundle:
+    def renew(
+        self, cert_der: bytes | None, peer_ip: str | None, csr_pem: str, endpoint: Endpoint, api_key: str | None = None
+    ) -> Bundle:
         """A new certificate for a new key, same profile from the record; the old one lives out its lifetime."""
         csr = pki.check_csr(csr_pem)
         with self.db.write() as s:
-            device, old = self.authenticate(s, cert_der)
+            device, old = self.authenticate(s, cert_der, api_key)
             actor = Actor(name="agent", kind="device", source_ip=peer_ip)
             if pki.key_type(csr.public_key()) and _same_key(csr, old.cert_pem):
                 raise ValidationFailed(

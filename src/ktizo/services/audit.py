@@ -69,6 +69,15 @@ ACTIONS = (
     "probe",
     "purge",
     "enrollment_expired",
+    "enroll.attempt",
+    "agent.collision",
+    "agent.collision_rejected",
+    "agent.replaced",
+    "agent.site_moved",
+    "site_key.rotated",
+    "site_create",
+    "site_update",
+    "site_delete",
 )
 
 

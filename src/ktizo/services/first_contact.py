@@ -36,6 +36,7 @@ class Knock:
     door: Source
     mac: str | None = None
     machine_id: str | None = None  # agents: /etc/machine-id
+    machine_uid: str | None = None  # zero-touch agents: a hash of the machine-id and Ktizo's CA fingerprint
     uuid: str | None = None
     serial: str | None = None
     kind: MachineKind = MachineKind.TALOS
@@ -45,7 +46,7 @@ class Knock:
     actor: Actor | None = None  # default: the machine itself, from source_ip
 
     def __post_init__(self) -> None:
-        if self.kind is MachineKind.AGENT and not self.machine_id:
+        if self.kind is MachineKind.AGENT and not (self.machine_id or self.machine_uid):
             raise ValidationFailed("an agent is known by its machine-id", "machine_id")
         if self.kind is MachineKind.TALOS and not self.mac and not self.identifying_uuid:
             raise ValidationFailed(
@@ -63,7 +64,7 @@ class Knock:
     @property
     def subject(self) -> str:
         """How refusals of this machine are counted: by the identity it claims."""
-        return self.machine_id or self.mac or f"uuid:{self.identifying_uuid}"
+        return self.machine_id or self.machine_uid or self.mac or f"uuid:{self.identifying_uuid}"
 
     def claimed(self, factor: str) -> str | None:
         return self.identifying_uuid if factor == "uuid" else self.serial
@@ -110,14 +111,16 @@ class FirstContact:
 
     @staticmethod
     def find(s: Session, knock: Knock, *, lock: bool = False) -> Device | None:
-        if knock.machine_id:
+        if knock.machine_uid:
+            stmt = select(Device).where(Device.machine_uid == knock.machine_uid)
+        elif knock.machine_id:
             stmt = select(Device).where(Device.machine_id == knock.machine_id)
         elif knock.mac:
             stmt = select(Device).where(Device.mac_address == knock.mac)
         else:  # known only by its SMBIOS UUID (pre-registered that way, or Talos's legacy ?uuid= form)
             stmt = select(Device).where(Device.uuid == knock.identifying_uuid, Device.mac_address.is_(None))
         device = s.scalar(stmt.with_for_update() if lock else stmt)
-        if device is None and knock.mac and knock.identifying_uuid and not knock.machine_id:
+        if device is None and knock.mac and knock.identifying_uuid and not (knock.machine_id or knock.machine_uid):
             # Pre-registered by UUID alone: this knock tells its MAC.
             uuid_only = select(Device).where(Device.uuid == knock.identifying_uuid, Device.mac_address.is_(None))
             device = s.scalar(uuid_only.with_for_update() if lock else uuid_only)
@@ -161,6 +164,7 @@ class FirstContact:
         return {
             "kind": knock.kind.value,
             "machine_id": knock.machine_id,
+            "machine_uid": knock.machine_uid,
             "mac_address": knock.mac,
             "uuid": knock.identifying_uuid,
             "serial": knock.serial,

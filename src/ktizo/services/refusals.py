@@ -80,3 +80,26 @@ def forgive(s: Session, action: str, subject: str, source_ip: str | None) -> Non
             Refusal.action == action, Refusal.subject == subject[:200], Refusal.source_ip == (source_ip or "")
         )
     )
+
+
+def tally(s: Session, action: str, subject: str, source_ip: str | None) -> int:
+    """Count one more of ``action`` for ``subject`` from this address this minute, with no audit row (a budget of
+    requests, or failures a lockout sums); returns this minute's count."""
+    now = utcnow()
+    values = {
+        "action": action,
+        "subject": subject[:200],
+        "source_ip": source_ip or "",
+        "minute": minute_of(now),
+        "count": 1,
+        "first_at": now,
+        "last_at": now,
+        "device_id": None,
+    }
+    insert = postgresql.insert if s.get_bind().dialect.name == "postgresql" else sqlite.insert
+    new = insert(Refusal).values(**values)
+    upsert = new.on_conflict_do_update(
+        index_elements=["action", "subject", "source_ip", "minute"],
+        set_={"count": Refusal.count + 1, "last_at": new.excluded.last_at},
+    ).returning(Refusal.count)
+    return int(s.execute(upsert).scalar_one())

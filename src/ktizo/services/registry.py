@@ -23,8 +23,10 @@ from ktizo.services.ipxe import IpxeService
 from ktizo.services.preview import PreviewService
 from ktizo.services.render import ConfigSource, Renderer
 from ktizo.services.schema import SchemaService
+from ktizo.services.sites import SiteService
 from ktizo.services.users import UserService
 from ktizo.services.watch import ApprovalWatcher
+from ktizo.services.zero_touch import ZeroTouch
 
 
 @dataclass
@@ -51,3 +53,5 @@ class Services:
     schema: SchemaService
     authority: AuthorityService
     agents: AgentService
+    sites: SiteService
+    zero_touch: ZeroTouch
