@@ -106,3 +106,16 @@ def full_dhcp() -> Iterator[Ktizo]:
 
 
 __all__ = ["BASE", "PORT", "SERVER_IP", "Ktizo", "cli", "start_ktizo"]
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    """An empty lab (server namespace and bridge) for one test, torn down after it."""
+    reason = missing_prerequisites()
+    if reason:
+        pytest.skip(reason)
+    made = Lab.create()
+    try:
+        yield made
+    finally:
+        made.close()
