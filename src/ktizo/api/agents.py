@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
-import ipaddress
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Path, Query, Request, Response
@@ -20,6 +19,7 @@ from ktizo.api.schemas import DeviceOut
 from ktizo.domain.devices import DeviceStatus
 from ktizo.domain.errors import PermissionDenied
 from ktizo.services.agents import Endpoint, EnrollRequest
+from ktizo.services.authority import is_ip
 
 router = APIRouter(tags=["agents"])
 AgentRef = Annotated[str, Path(max_length=64, description="The agent's id or machine-id")]
@@ -120,7 +120,7 @@ def endpoint(request: Request) -> Endpoint:
     settings = request.app.state.settings
     addresses: list[str] = list(settings.manager_addresses)
     server = request.scope.get("server")
-    if not addresses and server and _is_ip(str(server[0])):
+    if not addresses and server and is_ip(str(server[0])):
         addresses = [str(server[0])]
     mtls_url = settings.mtls_url
     if not mtls_url and settings.mtls_port:
@@ -132,14 +132,6 @@ def endpoint(request: Request) -> Endpoint:
         host = f"[{host}]" if ":" in host else host
         mtls_url = f"https://{host}:{settings.mtls_port}"
     return Endpoint(mtls_url=mtls_url, manager_addresses=addresses)
-
-
-def _is_ip(value: str) -> bool:
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        return False
-    return True
 
 
 def client_certificate(request: Request) -> bytes | None:

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ktizo.domain.errors import ValidationFailed
-from ktizo.pki.certs import cert_pem, ec_pem, serial_number
+from ktizo.pki.certs import cert_pem, ec_pem, key_usage, serial_number
 
 # The identity of Ktizo itself when it calls an agent (`ktizo agents probe`): a URI SAN no agent certificate can
 # carry, since agents' certificates are built here with DNS and IP SANs only.
@@ -228,17 +228,7 @@ def has_manager_identity(cert: x509.Certificate) -> bool:
 
 
 def _usage(*, cert_sign: bool, key_encipherment: bool = False) -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=True,
-        content_commitment=False,
-        key_encipherment=key_encipherment,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=cert_sign,
-        crl_sign=cert_sign,
-        encipher_only=False,
-        decipher_only=False,
-    )
+    return key_usage(cert_sign=cert_sign, crl_sign=cert_sign, key_encipherment=key_encipherment)
 
 
 def _unique(values: Iterable[str]) -> list[str]:

@@ -83,16 +83,17 @@ def public_der(key: Any) -> bytes:
     return der
 
 
-def key_usage(*, cert_sign: bool) -> x509.KeyUsage:
-    """Digital signature always; certificate signing for CAs. Talos sets nothing else."""
+def key_usage(*, cert_sign: bool, crl_sign: bool = False, key_encipherment: bool = False) -> x509.KeyUsage:
+    """Digital signature always; certificate signing for CAs (Talos sets nothing else). Ktizo's agent CA also
+    signs CRLs, and an RSA end-entity key may need key encipherment."""
     return x509.KeyUsage(
         digital_signature=True,
         content_commitment=False,
-        key_encipherment=False,
+        key_encipherment=key_encipherment,
         data_encipherment=False,
         key_agreement=False,
         key_cert_sign=cert_sign,
-        crl_sign=False,
+        crl_sign=crl_sign,
         encipher_only=False,
         decipher_only=False,
     )

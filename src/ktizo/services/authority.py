@@ -140,8 +140,8 @@ class AuthorityService:
         (0600) and the CA into ``directory``. Made afresh at each start: nothing to rotate, nothing stored."""
         ca = self.authority()
         key = pki.new_key()
-        dns = [n for n in names if not _is_ip(n)]
-        ips = [n for n in names if _is_ip(n)]
+        dns = [n for n in names if not is_ip(n)]
+        ips = [n for n in names if is_ip(n)]
         cert = pki.issue(
             ca,
             key.public_key(),
@@ -213,7 +213,7 @@ def _interface_addresses() -> list[str]:
     return found
 
 
-def _is_ip(value: str) -> bool:
+def is_ip(value: str) -> bool:
     try:
         ipaddress.ip_address(value)
     except ValueError:

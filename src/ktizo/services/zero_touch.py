@@ -125,14 +125,7 @@ class ZeroTouch:
         with self.db.write() as s:
             verified, reason = self.sites.verify(s, code, req.enrollment_key)
             if verified is None:
-                refusals.refuse(
-                    s,
-                    actor,
-                    "enroll.attempt",
-                    code,
-                    None,
-                    {"result": "refused", "reason": reason, "site": code, "machine_uid_hash": uid_hash},
-                )
+                _refused(s, actor, code, reason, uid_hash)
                 self._count_failure(s, actor, code)
         if verified is None:
             keep_on_refusal()
@@ -392,14 +385,7 @@ class ZeroTouch:
         now = utcnow()
         n = refusals.tally(s, "enroll.request", source_ip, source_ip)
         if n > self.requests_per_minute:
-            refusals.refuse(
-                s,
-                actor,
-                "enroll.attempt",
-                code,
-                None,
-                {"result": "refused", "reason": "rate_limited", "site": code, "machine_uid_hash": uid_hash},
-            )
+            _refused(s, actor, code, "rate_limited", uid_hash)
             return TooManyAttempts(
                 f"too many enrollment requests from {source_ip} this minute; try again shortly",
                 max(1, 60 - now.second),
@@ -421,14 +407,7 @@ class ZeroTouch:
                 )
             )
             wait = TooManyAttempts.seconds_until((last or utcnow()) + self.lockout, utcnow())
-            refusals.refuse(
-                s,
-                actor,
-                "enroll.attempt",
-                code,
-                None,
-                {"result": "refused", "reason": "locked", "site": code, "machine_uid_hash": uid_hash},
-            )
+            _refused(s, actor, code, "locked", uid_hash)
             return TooManyAttempts(
                 f"too many refused keys for site {code} from this address; try again in {-(-wait // 60)} minute(s)",
                 wait,
@@ -475,6 +454,12 @@ class ZeroTouch:
         recent = utcnow() - device.last_seen <= self.online_window
         checked_in = bool((device.facts or {}).get("checked_in"))
         return recent and checked_in and bool(device.hostname) and device.hostname != hostname
+
+
+def _refused(s: Session, actor: Actor, code: str, reason: str, uid_hash: str) -> None:
+    """``enroll.attempt`` refused, counted per site code, address and minute (the first of each minute audited)."""
+    details = {"result": "refused", "reason": reason, "site": code, "machine_uid_hash": uid_hash}
+    refusals.refuse(s, actor, "enroll.attempt", code, None, details)
 
 
 def _normalize_uid(value: str) -> str:
