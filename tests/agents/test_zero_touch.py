@@ -365,3 +365,19 @@ def test_a_taken_hostname_waits_for_an_operator_instead_of_failing(zt: Any) -> N
     assert second.status_code == 202
     reasons = [d["reason"] for a, d in actions(services) if a == "enroll.attempt"]
     assert reasons[-1] == "hostname_taken"
+
+
+def test_who_enrolled_with_which_key_version_after_when(zt: Any, clock: ManualClock, ops: dict[str, str]) -> None:
+    client, services = zt
+    v1 = site(services)
+    client.post("/api/enroll", json=zt_body("fra1", v1, hostname="early"))
+    v2, _ = services.sites.rotate_key(Actor.cli(), "fra1")
+    clock.advance(hours=1)
+    moment = clock.now()
+    clock.advance(hours=1)
+    client.post("/api/enroll", json=zt_body("fra1", v2, hostname="late"))
+    r = client.get("/api/v1/agents", params={"site": "fra1", "key_version": 2}, headers=ops)
+    assert [a["hostname"] for a in r.json()] == ["late"]
+    r = client.get("/api/v1/agents", params={"site": "fra1", "enrolled_after": moment.isoformat()}, headers=ops)
+    assert [a["hostname"] for a in r.json()] == ["late"]
+    assert services.sites.enrollments_by_version("fra1")[0][:2] == (2, 1)

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ktizo.api.deps import Operator, ServicesDep, Viewer, client_ip
 from ktizo.api.errors import ErrorOut, ValidationErrorOut, responses
 from ktizo.api.schemas import DeviceOut
+from ktizo.domain.bounds import as_utc
 from ktizo.domain.devices import DeviceStatus
 from ktizo.domain.errors import PermissionDenied
 from ktizo.services.agents import Endpoint, EnrollRequest
@@ -104,6 +105,8 @@ class CertificateOut(BaseModel):
 
 class AgentOut(DeviceOut):
     fqdn: str | None
+    site_id: int | None = None
+    key_version: int | None = None
     addresses: list[str]
     agent_address: str | None
     enrollment: str | None = Field(None, description="pending | approved (awaiting pickup) | None")
@@ -280,6 +283,8 @@ def _out(services: Any, device: Any, actor: Any) -> AgentOut:
         fqdn=device.fqdn,
         addresses=list(device.addresses or []),
         agent_address=device.agent_address,
+        site_id=device.site_id,
+        key_version=device.key_version,
         enrollment=enrollment.status if enrollment is not None else None,
         certificates=[CertificateOut.model_validate(c) for c in services.agents.certificates(device.id)],
     )
@@ -291,8 +296,15 @@ def list_agents(
     actor: Viewer,
     status: DeviceStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
+    site: Annotated[str | None, Query(max_length=64, description="Only agents of this site (code or id)")] = None,
+    key_version: Annotated[int | None, Query(ge=1, le=2**31 - 1, description="Enrolled with this key version")] = None,
+    enrolled_after: Annotated[dt.datetime | None, Query(description="First seen after this moment")] = None,
 ) -> list[AgentOut]:
-    return [_out(services, d, actor) for d in services.agents.list(status, limit)]
+    """Agents; ``site``, ``key_version`` and ``enrolled_after`` answer "who enrolled with v3 after T"."""
+    site_id = services.sites.get(site).id if site else None
+    after = as_utc(enrolled_after, "enrolled_after") if enrolled_after is not None else None
+    rows = services.agents.list(status, limit, site_id=site_id, key_version=key_version, enrolled_after=after)
+    return [_out(services, d, actor) for d in rows]
 
 
 @router.get("/api/v1/agents/{ref}", response_model=AgentOut, responses=responses(401, 403, 404))

@@ -424,11 +424,27 @@ class AgentService:
 
     # -- operators -------------------------------------------------------------------------------------
 
-    def list(self, status: DeviceStatus | None = None, limit: int = 1000) -> builtins.list[Device]:
+    def list(
+        self,
+        status: DeviceStatus | None = None,
+        limit: int = 1000,
+        *,
+        site_id: int | None = None,
+        key_version: int | None = None,
+        enrolled_after: dt.datetime | None = None,
+    ) -> builtins.list[Device]:
+        """Agents, oldest first; by site, by the site key version they enrolled with, first seen after a moment
+        ("who enrolled with v3 after T")."""
         with self.db.read() as s:
             stmt = select(Device).where(Device.kind == MachineKind.AGENT.value)
             if status is not None:
                 stmt = stmt.where(Device.status == status.value)
+            if site_id is not None:
+                stmt = stmt.where(Device.site_id == site_id)
+            if key_version is not None:
+                stmt = stmt.where(Device.key_version == key_version)
+            if enrolled_after is not None:
+                stmt = stmt.where(Device.first_seen > enrolled_after)
             return list(s.scalars(stmt.order_by(Device.id).limit(limit)))
 
     def resolve(self, ref: str) -> Device:
