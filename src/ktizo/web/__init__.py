@@ -12,7 +12,20 @@ from starlette.responses import Response
 
 # device_forms first: it registers the {id} path convertor the routes of the others compile with.
 from ktizo.web import device_forms  # noqa: F401  isort: skip
-from ktizo.web import agents, audit, auth, bulk, cluster, codes, device_detail, devices, routing, users
+from ktizo.web import (
+    agents,
+    audit,
+    auth,
+    bulk,
+    cluster,
+    codes,
+    collisions,
+    device_detail,
+    devices,
+    routing,
+    sites,
+    users,
+)
 
 STATIC = Path(__file__).parent / "static"
 
@@ -20,7 +33,7 @@ STATIC = Path(__file__).parent / "static"
 def mount(app: FastAPI) -> None:
     """Add the UI's routes and its static files (htmx, CSS, JS; nothing from a CDN) to ``app``."""
     app.mount("/ui/static", StaticFiles(directory=STATIC), name="ui-static")
-    for module in (auth, bulk, devices, device_detail, agents, codes, cluster, audit, users):
+    for module in (auth, bulk, devices, device_detail, agents, sites, collisions, codes, cluster, audit, users):
         app.include_router(module.router)
 
     async def page_or_json(request: Request, exc: Exception) -> Response:

@@ -86,8 +86,15 @@ def _agent_response(
     """An agent host's page: what it reported, what was approved, its enrollment and certificates, its last
     check-in's hardware; revoke and purge instead of a Talos machine's config preview, edit and delete."""
     services = services_of(request)
+    site = None
+    if device.site_id is not None:
+        try:
+            site = services.sites.get(device.site_id)
+        except NotFound:  # deleted meanwhile: the agent stays, without a site
+            site = None
     context: dict[str, Any] = {
         "d": device,
+        "site": site,
         "history": history,
         "history_total": history_total,
         "reported": reported(device),

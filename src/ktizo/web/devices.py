@@ -196,6 +196,7 @@ def list_response(
     if request.headers.get("HX-Target") == "device-list":
         return fragment("devices/_list.html", status_code=status_code, **context)
     fields = {k: v for k, v in context.items() if k != "user"}
+    fields["collisions"] = len(services.zero_touch.collisions())  # the attention line above the list
     return page(request, "devices/list.html", user, nav="devices", status_code=status_code, **fields)
 
 
