@@ -36,6 +36,7 @@ HOST_IP = "192.0.2.10"
 def _no_proxies(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv(cli.KEY_ENV, raising=False)  # a site key from the developer's shell must not leak in
 
 
 @pytest.fixture

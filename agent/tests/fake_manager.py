@@ -1,7 +1,13 @@
 """A small, faithful Ktizo for the agent's tests: the public enrollment door over plain HTTP and the agent door over
 real mutual TLS, with a CA made here. It keeps the contract's promises (a bundle is handed out once; 202, 403, 404,
 409, 429 where Ktizo gives them) and lets a test script the operator (approve, reject, purge, revoke) and the odd
-misbehaviour (throttling, tampered bundles)."""
+misbehaviour (throttling, tampered bundles).
+
+Site enrollment (``POST /api/enroll``, seed 004) too: a table of sites with their ``cek_`` key and policy, a strict
+body (unknown fields refused), one 401 for every kind of bad site or key, lockout per (site, IP) with 429, 409
+when a site is full, dedup on machine_uid (new; reuse or site_move with the agent's ``cak_`` key as proof; a
+collision without it, held as pending and minting nothing), ``cak_`` keys minted per agent (the old one revoked),
+and the mTLS door checking ``Authorization: Bearer cak_…`` as Ktizo does: an agent with a key must show it."""
 
 from __future__ import annotations
 
@@ -25,6 +31,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 MANAGER_URI = "urn:ktizo:manager"
 _MACHINE_ID = re.compile(r"[0-9a-f]{32}")
+_MACHINE_UID = re.compile(r"[0-9a-f]{64}")
+SITE_FIELDS = {"site_code", "enrollment_key", "machine_uid", "hostname", "fqdn", "ip_addresses", "os", "csr_pem"}
+SITE_OPTIONAL = {"agent_api_key"}
+BAD_KEY = "unknown site, or a wrong, rotated, expired or used-up enrollment key"
 
 
 def now() -> dt.datetime:
@@ -126,13 +136,44 @@ class CA:
 @dataclass
 class Record:
     token: str
-    machine_id: str
+    machine_id: str  # a site enrollment's machine_uid
     request: dict[str, Any]
     public_key: Any
     state: str = "pending"  # pending | approved | rejected
     cert: x509.Certificate | None = None
     picked: bool = False
     polls: int = 0
+    site: str | None = None  # a site enrollment held for an admin: its pickup carries a fresh cak_ key
+    outcome: str | None = None  # new | reuse | site_move | collision
+
+
+@dataclass
+class Site:
+    code: str
+    key: str
+    policy: str = "auto-approve"  # | manual
+    max_agents: int | None = None
+    max_pending: int | None = None
+
+
+@dataclass
+class SiteAgent:
+    id: int
+    machine_uid: str
+    site: str
+    request: dict[str, Any]
+    api_key: str | None = None  # the live cak_ key; minting another revokes it
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str
+    body: Any
+    raw: bytes
+    headers: dict[str, str]
+    peer: bytes | None
+    client_ip: str
 
 
 @dataclass
@@ -165,6 +206,19 @@ class FakeManager:
         self.status_polls = 0
         self.checkins: list[dict[str, Any]] = []
         self.renewals: list[dict[str, Any]] = []
+        self.requests: list[tuple[str, str]] = []  # (method, path) of every call on the public door
+        self.site_posts: list[Request] = []  # every POST /api/enroll as it came (raw bytes and headers too)
+        self.site_answers: list[Reply] = []
+        # Sites (seed 004).
+        self.sites: dict[str, Site] = {}
+        self.site_agents: dict[str, SiteAgent] = {}  # by machine_uid
+        self.api_keys: dict[str, str] = {}  # live cak_ key -> machine_uid
+        self.failures: dict[tuple[str, str], int] = {}  # (site_code, ip) -> failed attempts
+        self.lockout_after = 5
+        self.lockout_seconds = "30"
+        self.throttle_site = 0  # answer 429 (rate limited) this many times
+        self.site_override: Reply | None = None
+        self._next_id = 0
         # The operator and the weather, scripted.
         self.approve_after: int | None = None  # approve on the Nth poll of a record
         self.reject_after: int | None = None
@@ -244,6 +298,23 @@ class FakeManager:
         with self.cond:
             self.revoked.add(machine_id)
 
+    def add_site(self, code: str, **kwargs: Any) -> Site:
+        site = Site(code, "cek_" + secrets.token_urlsafe(32), **kwargs)
+        self.sites[code] = site
+        return site
+
+    def rotate_key(self, code: str) -> str:
+        with self.cond:
+            self.sites[code].key = "cek_" + secrets.token_urlsafe(32)
+            return self.sites[code].key
+
+    def _mint(self, agent: SiteAgent) -> str:
+        if agent.api_key is not None:
+            self.api_keys.pop(agent.api_key, None)  # revoked the moment the next one exists
+        agent.api_key = f"cak_{agent.id}_{secrets.token_urlsafe(32)}"
+        self.api_keys[agent.api_key] = agent.machine_uid
+        return agent.api_key
+
     def bundle(self, cert: x509.Certificate) -> dict[str, Any]:
         return {
             "ca_crt": self.ca.pem,
@@ -256,14 +327,106 @@ class FakeManager:
 
     # -- the public door -----------------------------------------------------------------------------
 
-    def _route_public(self, method: str, path: str, body: Any, peer: bytes | None) -> Reply:
+    def _route_public(self, request: Request) -> Reply:
+        method, path, body = request.method, request.path, request.body
+        with self.cond:
+            self.requests.append((method, path))
         if method == "GET" and path == "/api/v1/pki/ca.pem":
             return Reply(200, self.ca.pem, {"Content-Type": "application/x-pem-file"})
         if method == "POST" and path == "/api/v1/enroll":
             return self._enroll(body)
+        if method == "POST" and path == "/api/enroll":
+            reply = self._site_enroll(request)
+            with self.cond:
+                self.site_answers.append(reply)
+                self.cond.notify_all()
+            return reply
         if method == "GET" and path.startswith("/api/v1/enroll/status/"):
             return self._status(path.rsplit("/", 1)[1])
         return Reply(404, {"detail": "not found"})
+
+    # -- site enrollment ---------------------------------------------------------------------------------
+
+    def _site_enroll(self, request: Request) -> Reply:
+        body = request.body
+        with self.cond:
+            self.site_posts.append(request)
+            self.cond.notify_all()
+            if self.site_override is not None:
+                return self.site_override
+            if self.throttle_site:
+                self.throttle_site -= 1
+                return Reply(429, {"detail": "too many requests"}, {"Retry-After": self.retry_after})
+        problem = _site_body_problem(body)
+        if problem:
+            return Reply(400, {"detail": problem})
+        try:
+            csr = x509.load_pem_x509_csr(body["csr_pem"].encode())
+            assert csr.is_signature_valid
+        except (ValueError, AssertionError):
+            return Reply(400, {"detail": "csr_pem: not a CSR signed by its key"})
+        code, uid, proof = body["site_code"], body["machine_uid"], body.get("agent_api_key")
+        with self.cond:
+            attempt = (code, request.client_ip)
+            if self.failures.get(attempt, 0) >= self.lockout_after:
+                return Reply(429, {"detail": "locked out: too many failures"}, {"Retry-After": self.lockout_seconds})
+            site = self.sites.get(code)
+            if site is None or not secrets.compare_digest(site.key.encode(), body["enrollment_key"].encode()):
+                self.failures[attempt] = self.failures.get(attempt, 0) + 1
+                return Reply(401, {"detail": BAD_KEY})
+            self.failures.pop(attempt, None)
+            known = self.site_agents.get(uid)
+            proven = (
+                known is not None and isinstance(proof, str) and known.api_key is not None and proof == known.api_key
+            )
+            if known is None:
+                outcome = "new"
+                if site.max_agents is not None and self._active(code) >= site.max_agents:
+                    return Reply(409, {"detail": f"site {code} is full ({site.max_agents} agents)"})
+            elif proven:
+                outcome = "reuse" if known.site == code else "site_move"
+            else:
+                outcome = "collision"
+            if outcome == "collision" or site.policy == "manual":
+                pending = sum(1 for r in self.records.values() if r.site == code and r.state == "pending")
+                if site.max_pending is not None and pending >= site.max_pending:
+                    return Reply(409, {"detail": f"site {code} has too many pending agents"})
+                token = secrets.token_urlsafe(32)
+                self.records[token] = Record(token, uid, body, csr.public_key(), site=code, outcome=outcome)
+                return Reply(
+                    202,
+                    {
+                        "enrollment_state": "pending",
+                        "polling_token": token,
+                        "poll_interval_seconds": self.poll_interval,
+                    },
+                )
+            agent = self._site_agent(uid, code, body)
+            record = Record(secrets.token_urlsafe(16), uid, body, csr.public_key(), picked=True, outcome=outcome)
+            self.records[record.token] = record
+            self._approve(record)
+            assert record.cert is not None
+            return Reply(
+                201,
+                {
+                    "enrollment_state": "active",
+                    "outcome": outcome,
+                    "agent_id": agent.id,
+                    "agent_api_key": self._mint(agent),
+                    **self.bundle(record.cert),
+                },
+            )
+
+    def _active(self, code: str) -> int:
+        return sum(1 for agent in self.site_agents.values() if agent.site == code)
+
+    def _site_agent(self, uid: str, code: str, body: dict[str, Any]) -> SiteAgent:
+        agent = self.site_agents.get(uid)
+        if agent is None:
+            self._next_id += 1
+            agent = self.site_agents[uid] = SiteAgent(self._next_id, uid, code, body)
+        agent.site, agent.request = code, body
+        return agent
 
     def _enroll(self, body: Any) -> Reply:
         with self.cond:
@@ -334,6 +497,9 @@ class FakeManager:
             assert record.cert is not None
             record.picked = True  # handed out once: the token dies with the pickup
             bundle = self.bundle(record.cert)
+            if record.site is not None:  # approved by an admin: the agent (a new one, or the one it moves) is active
+                agent = self._site_agent(record.machine_id, record.site, record.request)
+                bundle = {**bundle, "agent_id": agent.id, "agent_api_key": self._mint(agent)}
             return Reply(200, self.tamper(bundle) if self.tamper else bundle)
 
     # -- the agent door (mTLS) -----------------------------------------------------------------------
@@ -347,9 +513,20 @@ class FakeManager:
             return None
         return machine_id, cert
 
-    def _route_mtls(self, method: str, path: str, body: Any, peer: bytes | None) -> Reply:
+    def _route_mtls(self, request: Request) -> Reply:
+        method, path, body = request.method, request.path, request.body
+        authorization = request.headers.get("authorization")
         with self.cond:
-            who = self._agent(peer)
+            who = self._agent(request.peer)
+            if who is not None:
+                scheme, _, presented = (authorization or "").partition(" ")
+                presented = presented.strip() if scheme.lower() == "bearer" else ""
+                agent = self.site_agents.get(who[0])
+                holds = agent is not None and agent.api_key is not None
+                if (presented or holds) and self.api_keys.get(presented) != who[0]:
+                    return Reply(
+                        403, {"detail": "this agent's API key (Authorization: Bearer cak_…) is missing or wrong"}
+                    )
         if who is None:
             return Reply(403, {"detail": "this certificate is revoked or unknown: enroll the host again"})
         machine_id, cert = who
@@ -360,7 +537,9 @@ class FakeManager:
             with self.cond:
                 if self.renew_soon:
                     self.renew_soon, renew_after = False, now() - dt.timedelta(seconds=1)
-                self.checkins.append({"machine_id": machine_id, "serial": cert.serial_number, **body})
+                self.checkins.append(
+                    {"machine_id": machine_id, "serial": cert.serial_number, "authorization": authorization, **body}
+                )
                 self.cond.notify_all()
             return Reply(
                 200,
@@ -379,7 +558,7 @@ class FakeManager:
                 return Reply(422, {"detail": [{"loc": ["body", "csr_pem"], "msg": "not a CSR signed by its key"}]})
             if public_der(csr.public_key()) == public_der(cert.public_key()):
                 return Reply(422, {"detail": [{"loc": ["body", "csr_pem"], "msg": "renewal needs a new key"}]})
-            record = next(r for r in self.records.values() if r.machine_id == machine_id)
+            record = next(r for r in reversed(self.records.values()) if r.machine_id == machine_id)
             names = [n for n in (record.request["hostname"], record.request.get("fqdn")) if n]
             new = self.ca.issue(
                 csr.public_key(),
@@ -390,16 +569,41 @@ class FakeManager:
             )
             with self.cond:
                 self.issued[new.serial_number] = machine_id
-                self.renewals.append({"old_serial": cert.serial_number, "new_serial": new.serial_number})
+                self.renewals.append(
+                    {"old_serial": cert.serial_number, "new_serial": new.serial_number, "authorization": authorization}
+                )
                 self.cond.notify_all()
             bundle = self.bundle(new)
             return Reply(200, self.tamper_renew(bundle) if self.tamper_renew else bundle)
         return Reply(404, {"detail": "not found"})
 
 
-def _handler(
-    manager: FakeManager, route: Callable[[str, str, Any, bytes | None], Reply]
-) -> type[http.server.BaseHTTPRequestHandler]:
+def _site_body_problem(body: Any) -> str | None:
+    """What a strict model (extra fields forbidden) would say about a site enrollment body, or None."""
+    if not isinstance(body, dict):
+        return "the body must be a JSON object"
+    unknown = sorted(set(body) - SITE_FIELDS - SITE_OPTIONAL)
+    if unknown:
+        return f"unknown fields: {', '.join(unknown)}"
+    missing = sorted(SITE_FIELDS - set(body))
+    if missing:
+        return f"missing fields: {', '.join(missing)}"
+    for name in ("site_code", "enrollment_key", "machine_uid", "hostname", "fqdn", "csr_pem"):
+        if not isinstance(body[name], str):
+            return f"{name}: must be a string"
+    if "agent_api_key" in body and not isinstance(body["agent_api_key"], str | None):
+        return "agent_api_key: must be a string"
+    if not _MACHINE_UID.fullmatch(body["machine_uid"]):
+        return "machine_uid: 64 lower-case hex digits"
+    if not isinstance(body["ip_addresses"], list) or not all(isinstance(i, str) for i in body["ip_addresses"]):
+        return "ip_addresses: a list of strings"
+    os_ = body["os"]
+    if not isinstance(os_, dict) or set(os_) != {"id", "version", "kernel"}:
+        return "os: an object with id, version and kernel, nothing else"
+    return None
+
+
+def _handler(manager: FakeManager, route: Callable[[Request], Reply]) -> type[http.server.BaseHTTPRequestHandler]:
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         wbufsize = 64 * 1024  # headers and body in one segment: two small writes meet Nagle and delayed ACKs
@@ -415,7 +619,8 @@ def _handler(
             if body is ValueError:
                 reply = Reply(400, {"detail": "the body is not JSON"})
             else:
-                reply = route(self.command, self.path, body, peer)
+                headers = {name.lower(): value for name, value in self.headers.items()}
+                reply = route(Request(self.command, self.path, body, raw, headers, peer, self.client_address[0]))
             if reply is HANG_UP:
                 self.close_connection = True
                 return

@@ -17,7 +17,9 @@ def test_renew_uses_a_new_key_over_mtls_and_keeps_prev(manager: FakeManager, enr
 
     assert run("renew", *enrolled.args) == 0
 
-    assert manager.renewals == [{"old_serial": old_serial, "new_serial": manager.renewals[0]["new_serial"]}]
+    assert manager.renewals == [
+        {"old_serial": old_serial, "new_serial": manager.renewals[0]["new_serial"], "authorization": None}
+    ]
     new_cert = pki.load_certificate_file(certs / "server.pem")
     new_key = pki.load_private_key(certs / "server.key.pem")
     assert new_cert.serial_number == manager.renewals[0]["new_serial"]

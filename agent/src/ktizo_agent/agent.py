@@ -1,4 +1,7 @@
-"""Life after enrollment, over mTLS with Ktizo: checking in with facts, and renewing the certificate with a new key."""
+"""Life after enrollment, over mTLS with Ktizo: checking in with facts, and renewing the certificate with a new key.
+
+An agent holding a ``cak_`` API key (a site enrollment gave it) sends it as ``Authorization: Bearer`` beside its
+client certificate on every call: Ktizo refuses an agent that has a key and does not show it."""
 
 from __future__ import annotations
 
@@ -13,7 +16,10 @@ from ktizo_agent.errors import AgentError, Gone, Rejected, Throttled
 
 log = logging.getLogger(__name__)
 
-ENROLL_FIRST = "run `ktizo-agent enroll MANAGER_URL --ca-fingerprint sha256:…` first"
+ENROLL_FIRST = (
+    "run `ktizo-agent enroll MANAGER_URL --ca-fingerprint sha256:…` first (with `--site CODE --enrollment-key-file "
+    "FILE` to enroll in a site)"
+)
 
 
 @dataclass(frozen=True)
@@ -53,9 +59,11 @@ def membership(paths: Paths) -> Membership:
 
 
 def _post(paths: Paths, member: Membership, path: str, body: dict[str, Any]) -> manager.Reply:
+    api_key = install.held_api_key(paths)  # read each time: a renewal or a new enrollment may have replaced it
+    headers = {"Authorization": f"Bearer {api_key.reveal()}"} if api_key is not None else None
     with manager.mtls_door(member.mtls_url, paths) as door:
         try:
-            return door.request("POST", path, body)
+            return door.request("POST", path, body, headers=headers)
         except manager.Unreachable as exc:
             raise manager.Unreachable(
                 f"could not reach Ktizo's agent listener: {exc.message}",
@@ -70,8 +78,8 @@ def _check(reply: manager.Reply, what: str) -> Any:
     if reply.status == 403:
         raise Rejected(
             f"Ktizo refused the {what}: {reply.detail}",
-            hint="the agent was revoked, rejected or purged in Ktizo: ask the operator "
-            "(`ktizo agents show MACHINE_ID`), or enroll again",
+            hint="the agent was revoked, rejected or purged in Ktizo, or its agent API key (agent-api-key in the "
+            "certificate directory) is missing or stale: ask the operator (`ktizo agents show ID`), or enroll again",
         )
     if reply.status in (404, 410):
         raise Gone(f"Ktizo does not know this agent ({what}: {reply.detail})", hint="enroll again")
@@ -123,11 +131,19 @@ def renew(paths: Paths, member: Membership, sources: identity.Sources) -> instal
         raise
     try:
         bundle = pki.check_bundle(body, key=key, pin=member.ca_fingerprint, now=dt.datetime.now(dt.UTC))
-    except pki.BadBundle as exc:
+        # Ktizo may rotate the API key with the certificate; a renewal that brings none leaves the held one.
+        api_key = install.parse_api_key(body["agent_api_key"]) if body.get("agent_api_key") is not None else None
+    except (pki.BadBundle, ValueError) as exc:
         raise pki.BadBundle(
-            f"refused the renewed certificate, nothing was installed: {exc.message}",
-            hint=exc.hint or "the current certificate stays in use; ask the operator, then run `ktizo-agent renew`",
+            f"refused the renewed certificate, nothing was installed: {getattr(exc, 'message', exc)}",
+            hint=getattr(exc, "hint", None)
+            or "the current certificate stays in use; ask the operator, then run `ktizo-agent renew`",
         ) from None
     return install.install(
-        paths, bundle, manager_url=member.manager_url, ca_fingerprint=member.ca_fingerprint, key_pem=pem
+        paths,
+        bundle,
+        manager_url=member.manager_url,
+        ca_fingerprint=member.ca_fingerprint,
+        key_pem=pem,
+        credentials=install.Credentials(agent_api_key=api_key),
     )

@@ -25,6 +25,7 @@ CERT_FILE = "server.pem"
 KEY_FILE = "server.key.pem"
 PENDING_KEY_FILE = "server.key.pem.pending"
 STASH_FILE = "bundle.json.pending"
+AGENT_API_KEY_FILE = "agent-api-key"  # the cak_ key a site enrollment gives, sent as a Bearer token over mTLS
 
 
 @dataclass(frozen=True)
@@ -54,12 +55,16 @@ class Paths:
         return self.cert_dir / STASH_FILE
 
     @property
+    def agent_api_key(self) -> Path:
+        return self.cert_dir / AGENT_API_KEY_FILE
+
+    @property
     def cert_lock(self) -> Path:
         return self.cert_dir / ".lock"
 
     @property
     def cert_names(self) -> tuple[str, ...]:
-        return (CA_FILE, CERT_FILE, KEY_FILE, PENDING_KEY_FILE)
+        return (CA_FILE, CERT_FILE, KEY_FILE, PENDING_KEY_FILE, AGENT_API_KEY_FILE)
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -116,6 +121,7 @@ class Enrollment:
     polling_interval_seconds: float
     max_poll_attempts: int
     ca_fingerprint: str | None
+    site: str | None  # while a site enrollment waits for approval
 
     @classmethod
     def read(cls, data: dict[str, Any], path: Path) -> Enrollment:
@@ -126,6 +132,7 @@ class Enrollment:
             polling_interval_seconds=_number(raw.get("polling_interval_seconds"), DEFAULT_POLL_INTERVAL, path),
             max_poll_attempts=int(_number(raw.get("max_poll_attempts"), 0, path)),
             ca_fingerprint=_text(raw.get("ca_fingerprint")),
+            site=_text(raw.get("site")),
         )
 
 

@@ -13,6 +13,7 @@ class ExitCode(enum.IntEnum):
     REJECTED = 3
     GONE = 4
     GAVE_UP = 5
+    KEY_REFUSED = 6
 
 
 class AgentError(Exception):
@@ -47,6 +48,13 @@ class Gone(AgentError):
 
 class GaveUp(AgentError):
     exit_code = ExitCode.GAVE_UP
+
+
+class KeyRefused(AgentError):
+    """Ktizo refused the site code and enrollment key (401): unknown site, or a wrong, rotated-away, expired or
+    used-up key. Trying again with the same key cannot help."""
+
+    exit_code = ExitCode.KEY_REFUSED
 
 
 class Throttled(AgentError):

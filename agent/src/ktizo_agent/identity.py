@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import ipaddress
 import json
 import logging
@@ -46,13 +47,27 @@ class Identity:
     os: dict[str, str | None]
 
     def as_request(self) -> dict[str, Any]:
+        return {"machine_id": self.machine_id, **self.claims()}
+
+    def claims(self) -> dict[str, Any]:
+        """What the host says about itself besides the machine-id (a site enrollment sends a machine_uid instead)."""
         return {
-            "machine_id": self.machine_id,
             "fqdn": self.fqdn,
             "hostname": self.hostname,
             "ip_addresses": list(self.ip_addresses),
             "os": dict(self.os),
         }
+
+
+def machine_uid(machine_id: str, ca_fingerprint: str) -> str:
+    """``sha256(machine_id + "\\n" + ca_fingerprint)`` as 64 lower-case hex: the host's name in a site enrollment.
+    The machine-id (32 lower-case hex) stays on the host, and the same host gets unrelated names with two Ktizos
+    (another CA, another fingerprint), so one Ktizo's list cannot be matched against another's."""
+    if not _MACHINE_ID.fullmatch(machine_id):
+        raise ValueError("a machine-id is 32 lower-case hex digits")
+    if not re.fullmatch(r"sha256:[0-9a-f]{64}", ca_fingerprint):
+        raise ValueError("the CA fingerprint must be normalised: sha256:<64 lower-case hex>")
+    return hashlib.sha256(f"{machine_id}\n{ca_fingerprint}".encode()).hexdigest()
 
 
 def collect(sources: Sources) -> Identity:

@@ -120,10 +120,10 @@ class Door:
     def close(self) -> None:
         self._client.close()
 
-    def request(self, method: str, path: str, body: Any = None) -> Reply:
+    def request(self, method: str, path: str, body: Any = None, *, headers: dict[str, str] | None = None) -> Reply:
         url = self.base_url + path
         try:
-            with self._client.stream(method, url, json=body) as response:
+            with self._client.stream(method, url, json=body, headers=headers) as response:
                 content = bytearray()
                 for chunk in response.iter_bytes():
                     content += chunk
@@ -167,6 +167,8 @@ def public_door(manager_url: str, *, insecure: bool, manager_ca: Path | None) ->
             verify = ssl.create_default_context(cafile=str(manager_ca))
         except (OSError, ssl.SSLError) as exc:
             raise UsageError(f"--manager-ca {manager_ca}: cannot load it as a CA bundle ({exc})") from None
+    elif urllib.parse.urlsplit(manager_url).scheme == "http":
+        verify = False  # no TLS to verify: spare loading the system's trust store for nothing
     else:
         verify = ssl.create_default_context()
     return Door(manager_url, verify)

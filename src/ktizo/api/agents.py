@@ -290,7 +290,7 @@ def _out(services: Any, device: Any, actor: Any) -> AgentOut:
     )
 
 
-@router.get("/api/v1/agents", response_model=list[AgentOut], responses=responses(401, 403))
+@router.get("/api/v1/agents", response_model=list[AgentOut], responses=responses(401, 403, 404))
 def list_agents(
     services: ServicesDep,
     actor: Viewer,
