@@ -10,7 +10,7 @@ from fastapi import APIRouter, Body, Path, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ktizo.api.agents import EnrollIn, agent_api_key, client_certificate, endpoint
+from ktizo.api.agents import BundleOut, EnrollIn, agent_api_key, client_certificate, endpoint
 from ktizo.api.deps import Admin, Operator, ServicesDep, Viewer, client_ip
 from ktizo.api.errors import ErrorOut, ValidationErrorOut, responses
 from ktizo.api.schemas import DeviceOut
@@ -34,17 +34,11 @@ class SiteEnrollIn(EnrollIn):
     agent_api_key: Annotated[str | None, Field(max_length=128, description="cak_: proof for reuse or site move")] = None
 
 
-class ActiveOut(BaseModel):
+class ActiveOut(BundleOut):
     enrollment_state: str = "active"
     outcome: str = Field(description="new | reuse | site_move")
     agent_id: int
     agent_api_key: str = Field(description="cak_<id>_<secret>: shown once; send it with check-ins")
-    ca_crt: str
-    server_crt: str
-    chain: str
-    not_after: str
-    manager_addresses: list[str]
-    mtls_url: str | None
 
 
 class PendingOut(BaseModel):

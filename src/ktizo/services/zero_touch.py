@@ -179,21 +179,7 @@ class ZeroTouch:
         if not arrival.created:  # a racing enrollment made it a moment ago: this one is a collision with it
             return self._collide(s, actor, device, site, version, fields, req, attempt, proof=False)
         device.site_id, device.key_version = site.id, version
-        token = secrets.token_urlsafe(32)
-        enrollment = Enrollment(
-            device_id=device.id,
-            token_hash=token_hash(token),
-            csr_pem=req.identity.csr_pem,
-            key_type=pki.key_type(csr.public_key()),
-            status="pending",
-            created_at=utcnow(),
-            expires_at=utcnow() + self.agents.enrollment_ttl,
-            source_ip=actor.source_ip,
-            site_id=site.id,
-            key_version=version,
-        )
-        s.add(enrollment)
-        s.flush()
+        token, enrollment = self._waiting(s, actor, device, site, version, req.identity.csr_pem)
         taken = s.scalar(
             select(Device.id).where(
                 Device.status == DeviceStatus.APPROVED.value,
@@ -266,28 +252,45 @@ class ZeroTouch:
                 "machine_uid",
             )
         self._check_limits(s, site, pending_only=True)
-        token = secrets.token_urlsafe(32)
         claim = {**fields, "source_ip": actor.source_ip, "site": site.site_code, "key_version": version}
-        enrollment = Enrollment(
-            device_id=device.id,
-            token_hash=token_hash(token),
-            csr_pem=req.identity.csr_pem,
-            key_type=pki.key_type(pki.check_csr(req.identity.csr_pem).public_key()),
-            status="pending",
-            created_at=utcnow(),
-            expires_at=utcnow() + self.agents.enrollment_ttl,
-            source_ip=actor.source_ip,
-            site_id=site.id,
-            key_version=version,
-            collision=True,
-            claim=claim,
-        )
-        s.add(enrollment)
-        s.flush()
+        token, _ = self._waiting(s, actor, device, site, version, req.identity.csr_pem, claim=claim)
         reason = "online_as_other" if proof else "no_proof"
         audit.record(s, actor, "agent.collision", device, {**attempt, "reason": reason})
         audit.record(s, actor, "enroll.attempt", device, {**attempt, "result": "pending", "reason": "collision"})
         return Outcome("pending", "collision", device.id, polling_token=token)
+
+    def _waiting(
+        self,
+        s: Session,
+        actor: Actor,
+        device: Device,
+        site: Site,
+        version: int,
+        csr_pem: str,
+        *,
+        claim: dict[str, Any] | None = None,
+    ) -> tuple[str, Enrollment]:
+        """A pending enrollment of ``device`` with a fresh polling token (stored as its hash); with ``claim``, one
+        held at the collision gate."""
+        token = secrets.token_urlsafe(32)
+        now = utcnow()
+        enrollment = Enrollment(
+            device_id=device.id,
+            token_hash=token_hash(token),
+            csr_pem=csr_pem,
+            key_type=pki.key_type(pki.check_csr(csr_pem).public_key()),
+            status="pending",
+            created_at=now,
+            expires_at=now + self.agents.enrollment_ttl,
+            source_ip=actor.source_ip,
+            site_id=site.id,
+            key_version=version,
+            collision=claim is not None,
+            claim=claim or {},
+        )
+        s.add(enrollment)
+        s.flush()
+        return token, enrollment
 
     # -- operators at the gate -------------------------------------------------------------------------
 
