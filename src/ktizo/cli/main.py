@@ -166,6 +166,7 @@ def serve(
         updates["mtls_port"] = mtls_port
     settings = st.settings = st.settings.model_copy(update=updates)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # a line per plugin at every start
     make_private_dir(settings.data_dir)
     settings.base_templates_dir.mkdir(parents=True, exist_ok=True)
 
