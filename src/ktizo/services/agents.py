@@ -34,7 +34,7 @@ from ktizo.domain.errors import Conflict, FailedPrecondition, NotFound, Permissi
 from ktizo.domain.identity import normalize_hostname, normalize_ip, normalize_machine_id
 from ktizo.domain.users import UserRole
 from ktizo.pki import authority as pki
-from ktizo.pki.certs import cert_pem
+from ktizo.pki.certs import cert_pem, public_der
 from ktizo.services import audit, refusals
 from ktizo.services.authority import AuthorityService
 from ktizo.services.context import Actor
@@ -259,14 +259,14 @@ class AgentService:
             self._touch(device, source_ip)
             audit.record(s, Actor.device(source_ip), "cert_pickup", device, {"serial": cert.serial})
             api_key = self.mint_api_key(s, device) if row.site_id is not None else None
-            return PollAnswer("approved", self._bundle(cert, endpoint, api_key))
+            return PollAnswer("approved", self.bundle(cert, endpoint, api_key))
 
     def _touch(self, device: Device, source_ip: str | None) -> None:
         now = utcnow()
         if device.last_seen is None or (now - device.last_seen).total_seconds() >= self.first_contact.touch_interval:
             device.last_seen, device.last_ip = now, source_ip
 
-    def _bundle(self, cert: AgentCertificate, endpoint: Endpoint, api_key: str | None = None) -> Bundle:
+    def bundle(self, cert: AgentCertificate, endpoint: Endpoint, api_key: str | None = None) -> Bundle:
         ca = self.authority.ca_pem()
         return Bundle(
             ca_crt=ca,
@@ -334,13 +334,13 @@ class AgentService:
             device.addresses = list(reported.get("ip_addresses") or [])
         if not device.fqdn:
             device.fqdn = _fqdn_for(device.hostname or "", reported.get("hostname"), reported.get("fqdn"))
-        cert = self._issue(s, actor, device, csr.public_key(), reason="enroll")
+        cert = self.issue(s, actor, device, csr.public_key(), reason="enroll")
         enrollment.status = "approved"
         enrollment.certificate_serial = cert.serial
         # The pickup window starts now: a bundle nobody collects dies with its token.
         enrollment.expires_at = utcnow() + self.enrollment_ttl
 
-    def _issue(self, s: Session, actor: Actor, device: Device, public_key: Any, *, reason: str) -> AgentCertificate:
+    def issue(self, s: Session, actor: Actor, device: Device, public_key: Any, *, reason: str) -> AgentCertificate:
         ca = self.authority.authority()
         now = utcnow()
         names = [n for n in (device.hostname, device.fqdn) if n]
@@ -383,7 +383,7 @@ class AgentService:
 
     def _revoke_on_reject(self, s: Session, actor: Actor, device: Device) -> None:
         if device.kind == MachineKind.AGENT.value:
-            self._revoke_all(s, actor, device, "rejected")
+            self.revoke_all(s, actor, device, "rejected")
             s.execute(
                 update(Enrollment)
                 .where(Enrollment.device_id == device.id, Enrollment.status == "approved")
@@ -393,11 +393,11 @@ class AgentService:
     def _end_credentials(self, s: Session, actor: Actor, device: Device) -> None:
         if device.kind != MachineKind.AGENT.value:
             return
-        self._revoke_all(s, actor, device, "purged")
+        self.revoke_all(s, actor, device, "purged")
         s.execute(delete(Enrollment).where(Enrollment.device_id == device.id))
 
     @staticmethod
-    def _revoke_all(s: Session, actor: Actor, device: Device, why: str) -> list[str]:
+    def revoke_all(s: Session, actor: Actor, device: Device, why: str) -> list[str]:
         now = utcnow()
         s.execute(
             update(AgentApiKey)
@@ -576,13 +576,13 @@ class AgentService:
         with self.db.write() as s:
             device, old = self.authenticate(s, cert_der, api_key)
             actor = Actor(name="agent", kind="device", source_ip=peer_ip)
-            if pki.key_type(csr.public_key()) and _same_key(csr, old.cert_pem):
+            if _same_key(csr, old.cert_pem):
                 raise ValidationFailed(
                     "renewal needs a new key: the CSR carries the current certificate's key", "csr_pem"
                 )
-            row = self._issue(s, actor, device, csr.public_key(), reason="renew")
+            row = self.issue(s, actor, device, csr.public_key(), reason="renew")
             device.last_seen, device.last_ip = utcnow(), peer_ip
-            return self._bundle(row, endpoint)
+            return self.bundle(row, endpoint)
 
     def probe(self, actor: Actor, ref: str, address: str | None = None) -> dict[str, Any]:
         """Connect to the agent's own mTLS listener as Ktizo's manager, fetch ``/v1/facts`` and store them."""
@@ -645,7 +645,7 @@ class AgentService:
                     continue
                 audit.record(s, actor, "enrollment_expired", device, {"status": row.status})
                 if row.status == "approved":
-                    self._revoke_all(s, actor, device, "not picked up")
+                    self.revoke_all(s, actor, device, "not picked up")
                 s.delete(row)
                 if device.status == DeviceStatus.PENDING.value:
                     s.flush()
@@ -671,8 +671,6 @@ def _fqdn_for(hostname: str, reported_host: Any, reported_fqdn: Any) -> str | No
 
 
 def _same_key(csr: x509.CertificateSigningRequest, current_pem: str) -> bool:
-    from ktizo.pki.certs import public_der
-
     current = x509.load_pem_x509_certificate(current_pem.encode())
     return public_der(csr.public_key()) == public_der(current.public_key())
 

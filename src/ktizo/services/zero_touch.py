@@ -156,7 +156,7 @@ class ZeroTouch:
             if proof and not online_elsewhere:
                 moved = existing.site_id != site.id
                 return self._refresh(s, actor, existing, site, key.version, csr, endpoint, attempt, moved=moved)
-            return self._collide(s, actor, existing, site, key.version, fields, req, attempt, proof=proof)
+            return self._collide(s, actor, existing, site, key.version, fields, req, csr, attempt, proof=proof)
 
     # -- the branches ----------------------------------------------------------------------------------
 
@@ -177,9 +177,9 @@ class ZeroTouch:
         arrival = self.first_contact.arrive(s, knock)  # the budget of new machines per address applies here too
         device = arrival.device
         if not arrival.created:  # a racing enrollment made it a moment ago: this one is a collision with it
-            return self._collide(s, actor, device, site, version, fields, req, attempt, proof=False)
+            return self._collide(s, actor, device, site, version, fields, req, csr, attempt, proof=False)
         device.site_id, device.key_version = site.id, version
-        token, enrollment = self._waiting(s, actor, device, site, version, req.identity.csr_pem)
+        token, enrollment = self._waiting(s, actor, device, site, version, req.identity.csr_pem, csr)
         taken = s.scalar(
             select(Device.id).where(
                 Device.status == DeviceStatus.APPROVED.value,
@@ -200,7 +200,7 @@ class ZeroTouch:
         s.delete(enrollment)  # handed out in this answer: nothing left to pick up
         api_key = self.agents.mint_api_key(s, device)
         audit.record(s, actor, "enroll.attempt", device, {**attempt, "result": "active", "reason": "new"})
-        return Outcome("active", "new", device.id, bundle=self.agents._bundle(cert, endpoint, api_key))
+        return Outcome("active", "new", device.id, bundle=self.agents.bundle(cert, endpoint, api_key))
 
     def _refresh(
         self,
@@ -219,17 +219,17 @@ class ZeroTouch:
         if device.status != DeviceStatus.APPROVED.value:
             raise Conflict("this agent is not approved: an operator decides it first")
         issuer = Actor.system(f"site:{site.site_code}")
-        self.agents._revoke_all(s, issuer, device, "site move" if moved else "re-enrolled")
+        self.agents.revoke_all(s, issuer, device, "site move" if moved else "re-enrolled")
         previous = device.site_id
         device.site_id, device.key_version = site.id, version
-        cert = self.agents._issue(s, issuer, device, csr.public_key(), reason="site_move" if moved else "reuse")
+        cert = self.agents.issue(s, issuer, device, csr.public_key(), reason="site_move" if moved else "reuse")
         api_key = self.agents.mint_api_key(s, device)
         if moved:
             old = s.get(Site, previous) if previous is not None else None
             audit.record(s, actor, "agent.site_moved", device, {**attempt, "from": old.site_code if old else None})
         outcome = "site_move" if moved else "reuse"
         audit.record(s, actor, "enroll.attempt", device, {**attempt, "result": "active", "reason": outcome})
-        return Outcome("active", outcome, device.id, bundle=self.agents._bundle(cert, endpoint, api_key))
+        return Outcome("active", outcome, device.id, bundle=self.agents.bundle(cert, endpoint, api_key))
 
     def _collide(
         self,
@@ -240,6 +240,7 @@ class ZeroTouch:
         version: int,
         fields: dict[str, Any],
         req: SiteEnrollRequest,
+        csr: Any,
         attempt: dict[str, Any],
         *,
         proof: bool,
@@ -253,7 +254,7 @@ class ZeroTouch:
             )
         self._check_limits(s, site, pending_only=True)
         claim = {**fields, "source_ip": actor.source_ip, "site": site.site_code, "key_version": version}
-        token, _ = self._waiting(s, actor, device, site, version, req.identity.csr_pem, claim=claim)
+        token, _ = self._waiting(s, actor, device, site, version, req.identity.csr_pem, csr, claim=claim)
         reason = "online_as_other" if proof else "no_proof"
         audit.record(s, actor, "agent.collision", device, {**attempt, "reason": reason})
         audit.record(s, actor, "enroll.attempt", device, {**attempt, "result": "pending", "reason": "collision"})
@@ -267,6 +268,7 @@ class ZeroTouch:
         site: Site,
         version: int,
         csr_pem: str,
+        csr: Any,
         *,
         claim: dict[str, Any] | None = None,
     ) -> tuple[str, Enrollment]:
@@ -278,7 +280,7 @@ class ZeroTouch:
             device_id=device.id,
             token_hash=token_hash(token),
             csr_pem=csr_pem,
-            key_type=pki.key_type(pki.check_csr(csr_pem).public_key()),
+            key_type=pki.key_type(csr.public_key()),
             status="pending",
             created_at=now,
             expires_at=now + self.agents.enrollment_ttl,
@@ -327,7 +329,7 @@ class ZeroTouch:
             name = normalize_hostname(hostname) if hostname else claim.get("hostname")
             csr = pki.check_csr(row.csr_pem)
             if action == "replace":
-                self.agents._revoke_all(s, actor, device, "replaced")
+                self.agents.revoke_all(s, actor, device, "replaced")
                 device.facts = {k: claim.get(k) for k in ("hostname", "fqdn", "ip_addresses", "os")}
                 device.addresses = list(claim.get("ip_addresses") or [])
                 device.fqdn = None
@@ -335,7 +337,7 @@ class ZeroTouch:
                     device.hostname = name  # the approved-hostname index refuses a name another machine holds
                 device.site_id = row.site_id
                 device.key_version = row.key_version
-                cert = self.agents._issue(s, actor, device, csr.public_key(), reason="replace")
+                cert = self.agents.issue(s, actor, device, csr.public_key(), reason="replace")
                 row.collision, row.status, row.certificate_serial = False, "approved", cert.serial
                 row.expires_at = utcnow() + self.agents.enrollment_ttl
                 audit.record(s, actor, "agent.replaced", device, details)
