@@ -250,21 +250,16 @@ class AgentService:
             if row.status == "rejected" or device.status == DeviceStatus.REJECTED.value:
                 return PollAnswer("rejected")
             if device.status == DeviceStatus.PENDING.value or row.status != "approved":
-                self._touch(device, source_ip)
+                self.first_contact.seen(device, source_ip)
                 return PollAnswer("pending")
             cert = s.get(AgentCertificate, row.certificate_serial) if row.certificate_serial else None
             gone = s.execute(delete(Enrollment).where(Enrollment.id == row.id))
             if cert is None or not getattr(gone, "rowcount", 0):
                 return PollAnswer("unknown")
-            self._touch(device, source_ip)
+            self.first_contact.seen(device, source_ip)
             audit.record(s, Actor.device(source_ip), "cert_pickup", device, {"serial": cert.serial})
             api_key = self.mint_api_key(s, device) if row.site_id is not None else None
             return PollAnswer("approved", self.bundle(cert, endpoint, api_key))
-
-    def _touch(self, device: Device, source_ip: str | None) -> None:
-        now = utcnow()
-        if device.last_seen is None or (now - device.last_seen).total_seconds() >= self.first_contact.touch_interval:
-            device.last_seen, device.last_ip = now, source_ip
 
     def bundle(self, cert: AgentCertificate, endpoint: Endpoint, api_key: str | None = None) -> Bundle:
         ca = self.authority.ca_pem()

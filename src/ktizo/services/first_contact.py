@@ -206,11 +206,16 @@ class FirstContact:
             device.revision += 1
             audit.record(s, knock.who, "bind", device, {**bound, "door": knock.door.value})
 
-    def _touch(self, device: Device, knock: Knock) -> None:
+    def seen(self, device: Device, source_ip: str | None) -> None:
+        """Record that the machine knocked again: last_seen at most every ``touch_interval``, at once from a new
+        address (a machine that keeps polling costs no write each time)."""
         now = utcnow()
         last = device.last_seen
-        if last is None or (now - last).total_seconds() >= self.touch_interval or device.last_ip != knock.source_ip:
-            device.last_seen, device.last_ip = now, knock.source_ip
+        if last is None or (now - last).total_seconds() >= self.touch_interval or device.last_ip != source_ip:
+            device.last_seen, device.last_ip = now, source_ip
+
+    def _touch(self, device: Device, knock: Knock) -> None:
+        self.seen(device, knock.source_ip)
         if knock.lease_ip is not None:
             device.lease_ip = knock.lease_ip
         # What an unauthenticated caller reports is kept for a machine waiting at the door; an approved machine's
