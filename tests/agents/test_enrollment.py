@@ -364,3 +364,24 @@ def test_the_enrollment_doors_survive_fuzzing(client: TestClient, services: Serv
         except Exception as exc:
             failures.append(f"{operation.method.upper()} {operation.path}: {exc}")
     assert not failures, "\n\n".join(failures)
+
+
+def test_the_crl_number_is_derived_and_grows(client: TestClient, services: Services, clock: ManualClock) -> None:
+    """The CRL's number is derived (no counter to bump on every fetch of a door without credentials): two fetches
+    get the same number, a revocation and a reissue each a higher one."""
+    from cryptography.x509 import CRLNumber
+
+    def number() -> int:
+        crl = x509.load_der_x509_crl(client.get("/api/v1/pki/crl").content)
+        return crl.extensions.get_extension_for_class(CRLNumber).value.crl_number
+
+    first = number()
+    assert number() == first
+    payload, _ = enroll(client)
+    services.agents.approve(Actor.cli(), payload["machine_id"])
+    clock.advance(seconds=1)
+    services.agents.revoke(Actor.cli(), payload["machine_id"])
+    revoked = number()
+    assert revoked > first
+    clock.advance(hours=13)  # past the reissue window
+    assert number() > revoked

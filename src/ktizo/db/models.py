@@ -352,7 +352,7 @@ class ServiceToken(Base):
 
 class Authority(Base):
     """Ktizo's agent CA: one row, made on first use. The key is sealed when a secret key is configured and never
-    leaves the services; ``crl_number`` grows with every CRL issued."""
+    leaves the services."""
 
     __tablename__ = "pki_authority"
     __table_args__ = (CheckConstraint("id = 1", name="one_row"),)
@@ -362,7 +362,6 @@ class Authority(Base):
     key: Mapped[str] = mapped_column(Text)
     fingerprint: Mapped[str] = mapped_column(String(71))
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
-    crl_number: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class Enrollment(Base):

@@ -4,6 +4,7 @@ agents with). The CA's key never leaves this module's callers in the services la
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
 import os
 import socket
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from ktizo.db import Database
 from ktizo.db.models import AgentCertificate
@@ -29,6 +30,7 @@ from ktizo.services.context import Actor
 from ktizo.services.first_contact import insert_ignoring_conflict
 
 CRL_HOURS = 24.0
+CRL_REISSUE = dt.timedelta(hours=CRL_HOURS / 2)  # a cached CRL is signed afresh this often, well before nextUpdate
 LISTENER_DAYS = 30.0
 MANAGER_DAYS = 1.0
 
@@ -47,6 +49,7 @@ class AuthorityService:
         self.db = db
         self.sealer = sealer
         self._cached: Authority | None = None
+        self._crl: tuple[int, x509.CertificateRevocationList] | None = None
         self._lock = threading.Lock()
 
     # -- the CA ----------------------------------------------------------------------------------------
@@ -82,7 +85,6 @@ class AuthorityService:
                 "key": self.sealer.seal(key_pem),
                 "fingerprint": ca.fingerprint,
                 "created_at": utcnow(),
-                "crl_number": 0,
             }
             if insert_ignoring_conflict(s, AuthorityRow, values, returning=AuthorityRow.id) is not None:
                 audit.record(
@@ -106,26 +108,35 @@ class AuthorityService:
     # -- revocation ------------------------------------------------------------------------------------
 
     def crl(self) -> x509.CertificateRevocationList:
-        """A fresh CRL of every revoked certificate that has not expired yet, numbered in the database."""
-        ca = self.authority()
+        """The CA's CRL: every revoked certificate that has not expired yet.
+
+        Its number is derived, not counted: the time of the latest revocation, or the start of the current
+        half-validity window when that is later (microseconds since the epoch). It grows with every revocation and
+        every reissue, every replica computes the same one, and fetching the CRL (an unauthenticated door) writes
+        nothing; the signed CRL is kept per process until its number moves."""
         now = utcnow()
-        with self.db.write() as s:
-            row = s.get(AuthorityRow, 1, with_for_update=True)
-            assert row is not None
-            row.crl_number += 1
-            number = row.crl_number
+        with self.db.read() as s:
+            latest = s.scalar(select(func.max(AgentCertificate.revoked_at)))
+        window = _window_start(now, CRL_REISSUE)
+        number = int(max(latest or window, window).timestamp() * 1_000_000)
+        cached = self._crl
+        if cached is not None and cached[0] == number:
+            return cached[1]
+        with self.db.read() as s:
             revoked = s.execute(
                 select(AgentCertificate.serial, AgentCertificate.revoked_at).where(
                     AgentCertificate.revoked_at.is_not(None), AgentCertificate.not_after > now
                 )
             ).all()
-        return pki.crl(
-            ca,
+        crl = pki.crl(
+            self.authority(),
             ((int(serial, 16), when) for serial, when in revoked if when is not None),
             number=number,
             now=now,
             hours=CRL_HOURS,
         )
+        self._crl = (number, crl)
+        return crl
 
     def crl_der(self) -> bytes:
         return self.crl().public_bytes(serialization.Encoding.DER)
@@ -168,6 +179,11 @@ class AuthorityService:
             server=False,
         )
         return _write_tls(directory, "manager", cert, key, ca)
+
+
+def _window_start(moment: dt.datetime, width: dt.timedelta) -> dt.datetime:
+    epoch = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+    return epoch + ((moment - epoch) // width) * width
 
 
 def listener_names(host: str, public_url: str | None, extra: list[str]) -> list[str]:

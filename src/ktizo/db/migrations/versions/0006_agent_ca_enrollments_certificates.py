@@ -1,6 +1,6 @@
 """Linux agents: Ktizo's agent CA, live enrollments, every certificate it issued; agents' FQDN, addresses, probe
 
-- ``pki_authority``: the agent CA (one row; its key sealed when a secret key is configured) and the CRL number.
+- ``pki_authority``: the agent CA (one row; its key sealed when a secret key is configured).
 - ``enrollments``: an agent's live enrollment (pending, or approved awaiting the one pickup), one per machine,
   the polling token as its SHA-256.
 - ``agent_certificates``: every issued certificate by serial, with revocation; kept after a purge (``device_id``
@@ -38,7 +38,6 @@ def upgrade() -> None:
         sa.Column("key", sa.Text(), nullable=False),
         sa.Column("fingerprint", sa.String(length=71), nullable=False),
         sa.Column("created_at", ktizo.db.types.UTCDateTime(), nullable=False),
-        sa.Column("crl_number", sa.Integer(), server_default="0", nullable=False),
         sa.CheckConstraint("id = 1", name=op.f("ck_pki_authority_one_row")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_pki_authority")),
     )
