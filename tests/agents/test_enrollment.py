@@ -17,7 +17,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from ktizo.db.models import AgentCertificate, AuditEvent, Authority, Enrollment
+from ktizo.db.models import AgentCertificate, AuditEvent, Authority, Enrollment, Refusal
 from ktizo.services.context import Actor
 from ktizo.services.registry import Services
 from tests.agents.support import body, csr_pem, key, machine_id
@@ -385,3 +385,12 @@ def test_the_crl_number_is_derived_and_grows(client: TestClient, services: Servi
     assert revoked > first
     clock.advance(hours=13)  # past the reissue window
     assert number() > revoked
+
+
+def test_a_refused_second_enrollment_is_counted(client: TestClient, services: Services) -> None:
+    payload, _ = enroll(client)
+    for _ in range(3):
+        assert client.post("/api/v1/enroll", json=body(payload["machine_id"])).status_code == 409
+    with services.db.read() as s:
+        [row] = s.scalars(select(Refusal).where(Refusal.action == "enroll_refused")).all()
+        assert (row.subject, row.count) == (payload["machine_id"], 3)

@@ -27,6 +27,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from ktizo.db import Database
+from ktizo.db.engine import keep_on_refusal
 from ktizo.db.models import AgentApiKey, AgentCertificate, Device, Enrollment
 from ktizo.db.types import utcnow
 from ktizo.domain.devices import DeviceStatus, MachineKind, Source
@@ -181,13 +182,18 @@ class AgentService:
             source_ip=source_ip,
             facts={k: fields[k] for k in ("hostname", "fqdn", "ip_addresses", "os")},
         )
+        # The refusal is evidence: counted in a block that commits, then raised (a block that raises rolls back).
         with self.db.write() as s:
             existing = self.first_contact.find(s, knock, lock=True)
-            if existing is not None and (
+            live = existing is not None and (
                 existing.kind != MachineKind.AGENT.value or not self._may_enroll_again(s, existing)
-            ):
+            )
+            if live:
                 refusals.refuse(s, knock.who, "enroll_refused", knock.subject, existing, {"reason": "live"})
-                raise Conflict(LIVE_ENROLLMENT, "machine_id")
+        if live:
+            keep_on_refusal()
+            raise Conflict(LIVE_ENROLLMENT, "machine_id")
+        with self.db.write() as s:
             arrival = self.first_contact.arrive(s, knock)
             device = arrival.device
             if not arrival.created:
