@@ -69,20 +69,25 @@ class Paths:
 
 def load(path: Path) -> dict[str, Any]:
     """The config as a mapping; a missing file is an empty one."""
+    return load_mapping(path, "the config", hint="fix or remove the file")
+
+
+def load_mapping(path: Path, what: str, *, hint: str, shape: str = "") -> dict[str, Any]:
+    """A YAML file that holds a mapping (the config, the whitelist); a missing or empty file is an empty one."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return {}
     except OSError as exc:
-        raise AgentError(f"cannot read the config {path}: {exc.strerror}") from None
+        raise AgentError(f"cannot read {what} {path}: {exc.strerror}", hint=hint) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise AgentError(f"the config {path} is not valid YAML: {exc}", hint="fix or remove the file") from None
+        raise AgentError(f"{what} {path} is not valid YAML: {exc}", hint=hint) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise AgentError(f"the config {path} must be a YAML mapping", hint="fix or remove the file")
+        raise AgentError(f"{what} {path} must be a YAML mapping{shape}", hint=hint)
     return data
 
 

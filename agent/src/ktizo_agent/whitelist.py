@@ -29,17 +29,7 @@ def lock_path(path: Path) -> Path:
 
 
 def _load(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise AgentError(f"cannot read the whitelist {path}: {exc}", hint="fix the file; nothing was changed") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise AgentError(f"the whitelist {path} must be a YAML mapping with `{KEY}:`", hint="fix the file")
-    return data
+    return config.load_mapping(path, "the whitelist", hint="fix the file; nothing was changed", shape=f" with `{KEY}:`")
 
 
 def _key(entry: Any) -> str:
