@@ -50,10 +50,6 @@ class Transaction:
         return self._sessions.get(id(db))
 
     @property
-    def wrote(self) -> bool:
-        return bool(self._sessions)
-
-    @property
     def pending(self) -> bool:
         """Something to commit or roll back, or to run after the commit."""
         return bool(self._sessions or self._after_commit)

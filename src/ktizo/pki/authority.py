@@ -219,14 +219,6 @@ def serial_hex(serial: int) -> str:
     return f"{serial:032x}"
 
 
-def has_manager_identity(cert: x509.Certificate) -> bool:
-    try:
-        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return False
-    return MANAGER_URI in sans.get_values_for_type(x509.UniformResourceIdentifier)
-
-
 def _usage(*, cert_sign: bool, key_encipherment: bool = False) -> x509.KeyUsage:
     return key_usage(cert_sign=cert_sign, crl_sign=cert_sign, key_encipherment=key_encipherment)
 
