@@ -271,7 +271,8 @@ def test_refused_keys_lock_out_the_pair_not_the_site(make_client: Any, clock: Ma
         assert s.scalars(select(Refusal).where(Refusal.action == "enroll.failed")).first() is not None
 
 
-def test_requests_per_address_are_limited_across_enrollment_doors(make_client: Any) -> None:
+def test_requests_per_address_are_limited_across_enrollment_doors(make_client: Any, clock: ManualClock) -> None:
+    # On the test's clock: the budget counts per calendar minute, and four requests must not straddle two.
     client, services = make_client(enroll_requests_per_minute=3, new_devices_per_minute=0)
     cek = site(services)
     codes = [client.post("/api/enroll", json=zt_body("fra1", cek, hostname=f"h-{i}")).status_code for i in range(4)]
