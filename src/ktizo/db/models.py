@@ -464,3 +464,105 @@ class AgentApiKey(Base):
     secret_hash: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+
+
+class Event(Base):
+    """The outbox: one row per event worth telling the world (a machine discovered, approved, downloading…),
+    written by ``audit.record`` in the transaction of the change itself, so an event exists exactly when its change
+    does. The webhook dispatcher and the GitOps writer each take the rows still marked for them."""
+
+    __tablename__ = "events"
+    __table_args__ = (
+        Index("ix_events_webhooks_pending", "webhooks_pending", "id"),
+        Index("ix_events_gitops_pending", "gitops_pending", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    event: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(32))
+    device_id: Mapped[int | None] = mapped_column(Integer)  # not a foreign key: a deletion is an event too
+    actor: Mapped[str] = mapped_column(String(64))
+    actor_type: Mapped[str] = mapped_column(String(16))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    webhooks_pending: Mapped[bool] = mapped_column(Boolean, default=True, server_default=text("true"))
+    gitops_pending: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+
+
+class Rule(Base):
+    """An auto-approval rule (``kind: Rule``). ``matched`` counts the machines it decided, against ``max_count``;
+    the row is locked while a rule decides, so two replicas never hand out one hostname or exceed the count."""
+
+    __tablename__ = "rules"
+    __table_args__ = (CheckConstraint("action IN ('approve', 'reject')", name="action"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    priority: Mapped[int] = mapped_column(Integer, default=100, server_default="100")
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True, server_default=text("true"))
+    match: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    action: Mapped[str] = mapped_column(String(16))
+    settings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # role, hostnamePattern, ipRange, labels…
+    max_count: Mapped[int | None] = mapped_column(Integer)
+    matched: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    revision: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    author: Mapped[str] = mapped_column(String(64))
+    author_role: Mapped[str] = mapped_column(String(16))  # the role of whoever last wrote it
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Webhook(Base):
+    """A webhook subscription: events (names or ``*``), a target URL, a signing secret (sealed), a body format."""
+
+    __tablename__ = "webhooks"
+    __table_args__ = (CheckConstraint("format IN ('json', 'slack')", name="format"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    url: Mapped[str] = mapped_column(String(2048))
+    events: Mapped[list[str]] = mapped_column(JSON, default=list)
+    secret_sealed: Mapped[str] = mapped_column(Text)
+    format: Mapped[str] = mapped_column(String(16), default="json", server_default="json")
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True, server_default=text("true"))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    created_by: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    revision: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+
+
+class WebhookDelivery(Base):
+    """One event for one subscription: made once (the unique pair), claimed by one replica at a time (a lease in
+    ``claimed_until``), retried with backoff until delivered or 24 h old."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        UniqueConstraint("webhook_id", "event_id", name="uq_webhook_deliveries_webhook_event"),
+        CheckConstraint("status IN ('pending', 'delivered', 'failed')", name="status"),
+        Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    webhook_id: Mapped[int] = mapped_column(ForeignKey("webhooks.id", ondelete="CASCADE"), index=True)
+    event_id: Mapped[int] = mapped_column(ForeignKey("events.id", ondelete="CASCADE"), index=True)
+    delivery_id: Mapped[str] = mapped_column(String(36), unique=True)  # X-Ktizo-Delivery
+    status: Mapped[str] = mapped_column(String(16), default="pending", server_default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    claimed_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    delivered_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+
+class GitopsState(Base):
+    """One row: locked by the replica writing the GitOps repository (one writer at a time), with what was pushed."""
+
+    __tablename__ = "gitops_state"
+    __table_args__ = (CheckConstraint("id = 1", name="one_row"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    head: Mapped[str | None] = mapped_column(String(64))  # the last commit written
+    pushed: Mapped[str | None] = mapped_column(String(64))  # the last commit the remote accepted
+    last_error: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 from ktizo.db import Database
 from ktizo.db.models import AuditEvent, Refusal
 from ktizo.domain.bounds import as_utc, is_possible_id
+from ktizo.services import events
 from ktizo.services.context import Actor
 
 # Re-exported: the values of this service (they live apart so that the CLI starts fast).
@@ -78,6 +79,14 @@ ACTIONS = (
     "site_create",
     "site_update",
     "site_delete",
+    "rule_create",
+    "rule_update",
+    "rule_delete",
+    "webhook_create",
+    "webhook_update",
+    "webhook_delete",
+    "apply",
+    "gitops_sync",
 )
 
 
@@ -99,6 +108,7 @@ def record(
     *,
     refusal_id: int | None = None,
 ) -> None:
+    details = details or {}
     session.add(
         AuditEvent(
             actor=actor.name,
@@ -107,10 +117,12 @@ def record(
             device_id=device.id if device is not None else None,
             device_mac=device.mac_address if device is not None else None,
             source_ip=actor.source_ip,
-            details=details or {},
+            details=details,
             refusal_id=refusal_id,
         )
     )
+    who = {"name": actor.name, "kind": actor.kind, "source_ip": actor.source_ip}
+    events.outbox(session, action, who, device, _scrub_patches(details))
 
 
 def patch_summary(text: str | None) -> str | None:

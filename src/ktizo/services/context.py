@@ -10,8 +10,8 @@ from ktizo.domain.users import UserRole, require_role
 
 @dataclass(frozen=True)
 class Actor:
-    name: str  # username, "device", or "system"
-    kind: str  # "user" | "device" | "system"
+    name: str  # username, "device", "system", "rule:<name>", "site:<code>"
+    kind: str  # "user" | "device" | "system" | "rule" | "site"
     role: UserRole | None = None
     source_ip: str | None = None
 
@@ -26,6 +26,16 @@ class Actor:
     @classmethod
     def system(cls, name: str = "system") -> Actor:
         return cls(name=name, kind="system", role=UserRole.ADMIN)
+
+    @classmethod
+    def rule(cls, name: str, role: UserRole) -> Actor:
+        """An auto-approval rule deciding: it acts with the role of whoever last wrote it."""
+        return cls(name=f"rule:{name}", kind="rule", role=role)
+
+    @classmethod
+    def site(cls, code: str) -> Actor:
+        """A site's enrollment policy approving an agent that proved the site's key."""
+        return cls(name=f"site:{code}", kind="site", role=UserRole.OPERATOR)
 
     @classmethod
     def cli(cls) -> Actor:

@@ -192,7 +192,7 @@ class ZeroTouch:
             why = "manual" if taken is None else "hostname_taken"
             audit.record(s, actor, "enroll.attempt", device, {**attempt, "result": "pending", "reason": why})
             return Outcome("pending", "pending", device.id, polling_token=token)
-        approver = Actor.system(f"site:{site.site_code}")
+        approver = Actor.site(site.site_code)
         self.devices.approve_in(s, approver, device, DeviceChanges(), details={"site": site.site_code})
         serial = enrollment.certificate_serial
         cert = s.get(AgentCertificate, serial) if serial else None
@@ -218,7 +218,7 @@ class ZeroTouch:
         """Reuse or site move: the agent proved it holds the existing credential. Fresh certificate and key."""
         if device.status != DeviceStatus.APPROVED.value:
             raise Conflict("this agent is not approved: an operator decides it first")
-        issuer = Actor.system(f"site:{site.site_code}")
+        issuer = Actor.site(site.site_code)
         self.agents.revoke_all(s, issuer, device, "site move" if moved else "re-enrolled")
         previous = device.site_id
         device.site_id, device.key_version = site.id, version
