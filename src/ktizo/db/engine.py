@@ -250,7 +250,7 @@ class Database:
         except IntegrityError as exc:
             raise conflict_for(exc) from None
 
-    def submit(self, work: Work) -> Future[None]:
+    def submit(self, work: Work) -> Future[object]:
         """Run ``work(session)`` in a shared write transaction (group commit); the future says how it went."""
         tx = current_transaction()
         if tx is not None and tx.open_session(self) is not None:

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger(__name__)
 
-Work = Callable[[Session], None]
+Work = Callable[[Session], object]  # what it returns is the future's result
 _STOP = object()
 
 
@@ -24,12 +24,12 @@ class GroupCommitWriter:
     def __init__(self, sessions: sessionmaker[Session], max_batch: int = 256) -> None:
         self._sessions = sessions
         self._max_batch = max_batch
-        self._queue: queue.SimpleQueue[tuple[Work, Future[None]] | object] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[Work, Future[object]] | object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def submit(self, work: Work) -> Future[None]:
-        future: Future[None] = Future()
+    def submit(self, work: Work) -> Future[object]:
+        future: Future[object] = Future()
         self._ensure_started()
         self._queue.put((work, future))
         return future
@@ -68,34 +68,34 @@ class GroupCommitWriter:
             if stop:
                 return
 
-    def _commit(self, batch: list[tuple[Work, Future[None]]]) -> None:
-        outcomes: list[tuple[Future[None], BaseException | None]] = []
+    def _commit(self, batch: list[tuple[Work, Future[object]]]) -> None:
+        outcomes: list[tuple[Future[object], BaseException | None, object]] = []
         try:
             with self._sessions() as session, session.begin():
                 for work, future in batch:
                     try:
                         with session.begin_nested():  # a failing item rolls back alone, not the batch
-                            work(session)
+                            result = work(session)
                     except Exception as exc:
-                        outcomes.append((future, exc))
+                        outcomes.append((future, exc, None))
                     else:
-                        outcomes.append((future, None))
+                        outcomes.append((future, None, result))
         except Exception:
             log.warning("group commit of %d writes failed; retrying them one by one", len(batch), exc_info=True)
             for work, future in batch:
                 self._run_alone(work, future)
             return
-        for future, error in outcomes:
+        for future, error, result in outcomes:
             if error is None:
-                future.set_result(None)
+                future.set_result(result)
             else:
                 future.set_exception(error)
 
-    def _run_alone(self, work: Work, future: Future[None]) -> None:
+    def _run_alone(self, work: Work, future: Future[object]) -> None:
         try:
             with self._sessions() as session, session.begin():
-                work(session)
+                result = work(session)
         except Exception as exc:
             future.set_exception(exc)
         else:
-            future.set_result(None)
+            future.set_result(result)

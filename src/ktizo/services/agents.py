@@ -222,6 +222,7 @@ class AgentService:
                     "key_type": pki.key_type(csr.public_key()),
                 },
             )
+            self.first_contact.decide(s, device, knock)  # an auto-approval rule may take it now
         return token
 
     @staticmethod

@@ -82,6 +82,7 @@ ACTIONS = (
     "rule_create",
     "rule_update",
     "rule_delete",
+    "rule_failed",
     "webhook_create",
     "webhook_update",
     "webhook_delete",

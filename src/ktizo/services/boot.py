@@ -26,7 +26,8 @@ from ktizo.services.context import Actor
 from ktizo.services.first_contact import FACTORS, FirstContact, Knock
 from ktizo.services.render import RenderableDevice, RenderCache, Renderer
 
-Work = Callable[[Session], None]
+# A write the answer owes; True when it decided the machine (a rule approved it), so the answer is decided again.
+Work = Callable[[Session], bool | None]
 
 
 class NotApproved(PermissionDenied):
@@ -144,6 +145,11 @@ class BootService:
         """Decide and write in one go, as a synchronous caller (the CLI, a test) would: the config, or raise
         ``NotApproved`` / ``IdentityRefused`` (both 403 to Talos)."""
         answer = self.decide(claim)
+        if answer.followup is not None:
+            with self.db.write() as s:
+                decided = answer.followup(s)
+            if decided:  # a rule approved the machine just now: it gets its config on this very request
+                answer = self.decide(claim)
         with self.db.write() as s:
             if answer.followup is not None:
                 answer.followup(s)
@@ -218,8 +224,8 @@ class BootService:
             return "serial"
         return None
 
-    def _arrive(self, knock: Knock, s: Session) -> None:
-        self.first_contact.arrive(s, knock)
+    def _arrive(self, knock: Knock, s: Session) -> bool:
+        return self.first_contact.arrive(s, knock).decided
 
     @staticmethod
     def _refuse(knock: Knock, device: BootDevice, detail: dict[str, Any], s: Session) -> None:

@@ -262,22 +262,13 @@ class BulkService:
                 )
 
         selected = {d.id for d in devices}
-        # Every hostname of that pattern counts, whatever its device's state: numbers are never handed out twice.
-        highest = 0
-        prefix_like = pattern.prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-        for (hostname,) in s.execute(
-            select(Device.hostname).where(Device.hostname.like(prefix_like, escape="\\"), Device.id.not_in(selected))
-        ):
-            number = pattern.number_of(hostname)
-            if number is not None:
-                highest = max(highest, number)
-        first_number = highest + 1
+        first_number = highest_number(s, pattern, selected) + 1
         hostnames = [pattern.render(first_number + i) for i in range(len(devices))]
 
         ips: list[str | None] = [None] * len(devices)
         skipped = 0
         if addresses is not None:
-            taken = self._taken_addresses(s, selected)
+            taken = taken_addresses(s, selected)
             picked: list[str] = []
             for address in addresses:
                 if len(picked) == len(devices):
@@ -300,33 +291,47 @@ class BulkService:
         )
         return BulkPlan(assignments, request.notes, first_number, skipped), devices
 
-    @staticmethod
-    def _taken_addresses(s: Session, selected: set[int]) -> set[IPAddress]:
-        """Addresses something already has: other devices' static IPs and extra NICs, the cluster's gateway,
-        and the control plane endpoint when it is an address (often a VIP no device row holds)."""
-        taken: set[IPAddress] = set()
 
-        def add(value: Any) -> None:
-            with contextlib.suppress(ValueError):  # a malformed stored value cannot collide with a valid one
-                taken.add(ipaddress.ip_interface(str(value).strip()).ip)
+def highest_number(s: Session, pattern: HostnamePattern, exclude: set[int]) -> int:
+    """The highest number a hostname of ``pattern`` already has (0 if none). Every hostname of the pattern counts,
+    whatever its device's state: numbers are never handed out twice."""
+    highest = 0
+    prefix_like = pattern.prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+    for (hostname,) in s.execute(
+        select(Device.hostname).where(Device.hostname.like(prefix_like, escape="\\"), Device.id.not_in(exclude))
+    ):
+        number = pattern.number_of(hostname)
+        if number is not None:
+            highest = max(highest, number)
+    return highest
 
-        has_address = or_(Device.ip_address.is_not(None), cast(Device.extra_nics, String) != "[]")
-        for ip, nics in s.execute(
-            select(Device.ip_address, Device.extra_nics).where(Device.id.not_in(selected), has_address)
-        ):
-            if ip:
-                add(ip)
-            for nic in nics or []:
-                for a in nic.get("addresses") or []:
-                    add(a)
-        cluster = s.get(ClusterSettings, 1)
-        if cluster is not None:
-            if cluster.gateway:
-                add(cluster.gateway)
-            if cluster.endpoint:
-                host = re.sub(r"^[a-z]+://", "", cluster.endpoint).rsplit(":", 1)[0].strip("[]")
-                add(host)
-        return taken
+
+def taken_addresses(s: Session, selected: set[int]) -> set[IPAddress]:
+    """Addresses something already has: other devices' static IPs and extra NICs, the cluster's gateway,
+    and the control plane endpoint when it is an address (often a VIP no device row holds)."""
+    taken: set[IPAddress] = set()
+
+    def add(value: Any) -> None:
+        with contextlib.suppress(ValueError):  # a malformed stored value cannot collide with a valid one
+            taken.add(ipaddress.ip_interface(str(value).strip()).ip)
+
+    has_address = or_(Device.ip_address.is_not(None), cast(Device.extra_nics, String) != "[]")
+    for ip, nics in s.execute(
+        select(Device.ip_address, Device.extra_nics).where(Device.id.not_in(selected), has_address)
+    ):
+        if ip:
+            add(ip)
+        for nic in nics or []:
+            for a in nic.get("addresses") or []:
+                add(a)
+    cluster = s.get(ClusterSettings, 1)
+    if cluster is not None:
+        if cluster.gateway:
+            add(cluster.gateway)
+        if cluster.endpoint:
+            host = re.sub(r"^[a-z]+://", "", cluster.endpoint).rsplit(":", 1)[0].strip("[]")
+            add(host)
+    return taken
 
 
 def _require_pending(device: Device) -> None:

@@ -56,7 +56,9 @@ class ConfigDownload:
     async def request(self, claim: Claim, gone: asyncio.Event | None = None) -> Answer:
         """The answer to one config request. ``gone`` is set by the adapter when the client hangs up."""
         answer = await self._decide(claim)
-        await self._write(answer.followup)
+        if await self._write(answer.followup):  # a rule decided the machine: answer from what it is now
+            answer = await self._decide(claim)
+            await self._write(answer.followup)
         if self.long_poll_seconds <= 0 or not answer.pending:
             return answer
         if answer.device_id is None:  # first contact: the row exists now, look again for its id
@@ -98,9 +100,10 @@ class ConfigDownload:
             return self.boot.decide(claim)
         return await asyncio.to_thread(self.boot.decide, claim)
 
-    async def _write(self, work: Work | None) -> None:
-        if work is not None:
-            await asyncio.wrap_future(self.db.submit(work))
+    async def _write(self, work: Work | None) -> bool:
+        if work is None:
+            return False
+        return bool(await asyncio.wrap_future(self.db.submit(work)))
 
     def _hold(self, device_id: int, source_ip: str | None) -> _Held | None:
         address = source_ip or ""

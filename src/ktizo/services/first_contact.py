@@ -8,7 +8,7 @@ answers."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +77,7 @@ class Arrival:
     # Factors the knock claimed that differ from the bound ones ({factor: {"bound", "claimed"}}); nothing was
     # changed on the machine then, and the refusal is recorded.
     mismatch: dict[str, dict[str, str | None]] | None = None
+    decided: bool = False  # a rule approved or rejected the machine in this transaction
 
 
 def check_budget(s: Session, source_ip: str | None, per_minute: int) -> None:
@@ -104,10 +105,23 @@ def check_budget(s: Session, source_ip: str | None, per_minute: int) -> None:
         )
 
 
+# The auto-approval rules (``services.rules``), wired in by the app: they sit above this module, which every
+# door uses. Returns whether a rule decided the machine.
+Decider = Callable[[Session, Device, "Knock | None"], bool]
+
+
 class FirstContact:
     def __init__(self, *, new_per_minute: int = 0, touch_interval: float = 0.0) -> None:
         self.new_per_minute = new_per_minute  # see check_budget
         self.touch_interval = touch_interval  # seconds between last_seen writes for a machine that keeps knocking
+        self.decider: Decider | None = None
+
+    def decide(self, s: Session, device: Device, knock: Knock | None = None) -> bool:
+        """Let the rules decide a pending machine now, in the door's transaction. Talos doors get this from
+        ``arrive``; the agent doors call it once the enrollment the approval needs exists."""
+        if self.decider is None or device.status != DeviceStatus.PENDING.value:
+            return False
+        return self.decider(s, device, knock)
 
     @staticmethod
     def find(s: Session, knock: Knock, *, lock: bool = False) -> Device | None:
@@ -141,7 +155,7 @@ class FirstContact:
                 if knock.lease_ip:
                     details["lease_ip"] = knock.lease_ip
                 audit.record(s, knock.who, "register", device, details)
-                return Arrival(device, created=True)
+                return Arrival(device, created=True, decided=self._decide_talos(s, device, knock))
             # A concurrent first contact made the row (and audited it): carry on with it as a known machine.
             device = self.find(s, knock, lock=True)
             if device is None:  # it collided on another identity column (a UUID known without a MAC, say)
@@ -154,7 +168,10 @@ class FirstContact:
             return Arrival(device, created=False, mismatch=mismatch)
         self._bind(s, device, knock)
         self._touch(device, knock)
-        return Arrival(device, created=False)
+        return Arrival(device, created=False, decided=self._decide_talos(s, device, knock))
+
+    def _decide_talos(self, s: Session, device: Device, knock: Knock) -> bool:
+        return knock.kind is MachineKind.TALOS and self.decide(s, device, knock)
 
     # -- internals -------------------------------------------------------------------------------------
 

@@ -191,6 +191,8 @@ class ZeroTouch:
             # An approved machine has this hostname already: an operator picks another, nothing is refused.
             why = "manual" if taken is None else "hostname_taken"
             audit.record(s, actor, "enroll.attempt", device, {**attempt, "result": "pending", "reason": why})
+            if taken is None:
+                self.first_contact.decide(s, device, knock)  # a rule may decide what the site's policy leaves
             return Outcome("pending", "pending", device.id, polling_token=token)
         approver = Actor.site(site.site_code)
         self.devices.approve_in(s, approver, device, DeviceChanges(), details={"site": site.site_code})
