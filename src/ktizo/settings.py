@@ -138,12 +138,17 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Addresses agents whitelist for Ktizo's probes (default: the address the agent reached Ktizo at).",
     )
+    webhook_deny: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="CIDRs webhook targets may not resolve into (e.g. 169.254.0.0/16 for cloud metadata); loopback "
+        "and private targets are allowed unless listed here.",
+    )
     log_level: str = "info"
     access_log: bool = Field(
         False, description="Log every HTTP request (a boot storm makes thousands; the audit log has what matters)."
     )
 
-    @field_validator("discovery_subnets", "trusted_proxies", mode="before")
+    @field_validator("discovery_subnets", "trusted_proxies", "webhook_deny", mode="before")
     @classmethod
     def _cidr_list(cls, value: Any) -> Any:
         """A JSON list, or CIDRs separated by commas (what a shell user writes); each must be a network."""

@@ -4,7 +4,21 @@ from __future__ import annotations
 
 from fastapi import APIRouter, FastAPI
 
-from ktizo.api import agents, assets, audit, auth, cluster, devices, errors, groups, health, netboot, sites, talos
+from ktizo.api import (
+    agents,
+    assets,
+    audit,
+    auth,
+    cluster,
+    devices,
+    errors,
+    groups,
+    health,
+    netboot,
+    sites,
+    talos,
+    webhooks,
+)
 
 
 def build_router() -> APIRouter:
@@ -20,6 +34,7 @@ def build_router() -> APIRouter:
     router.include_router(auth.router)
     router.include_router(agents.router)
     router.include_router(sites.router)
+    router.include_router(webhooks.router)
     return router
 
 

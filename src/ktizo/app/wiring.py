@@ -29,6 +29,7 @@ from ktizo.services.schema import SchemaService
 from ktizo.services.sites import SiteService
 from ktizo.services.users import UserService
 from ktizo.services.watch import ApprovalWatcher
+from ktizo.services.webhooks import WebhookService
 from ktizo.services.zero_touch import ZeroTouch
 from ktizo.settings import Settings
 from ktizo.talos import parse_talos_version
@@ -135,4 +136,5 @@ def build_services(settings: Settings, db: Database | None = None, *, max_connec
         agents=agents,
         sites=sites,
         zero_touch=zero_touch,
+        webhooks=WebhookService(db, sealer, deny=settings.webhook_deny),
     )

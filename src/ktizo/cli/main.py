@@ -12,7 +12,7 @@ import typer
 from typer.core import TyperGroup
 
 from ktizo import __version__
-from ktizo.cli import agents, assets, cluster, devices, groups, pxe, secrets, sites, users
+from ktizo.cli import agents, assets, cluster, devices, groups, pxe, secrets, sites, users, webhooks
 from ktizo.cli.common import (
     GLOBAL_OPTIONS_HINT,
     State,
@@ -88,6 +88,7 @@ app.add_typer(groups.app, name="groups")
 app.add_typer(secrets.app, name="secrets")
 app.add_typer(pxe.app, name="pxe")
 app.add_typer(assets.app, name="assets")
+app.add_typer(webhooks.app, name="webhooks")
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 

@@ -19,6 +19,7 @@ class Job:
     name: str
     every: float  # seconds
     run: Callable[[], int]  # returns how many things it did, for the log
+    own_transactions: bool = False  # the job commits its own steps (webhooks: claim, send, record)
 
 
 def default_jobs(services: Services) -> list[Job]:
@@ -28,10 +29,13 @@ def default_jobs(services: Services) -> list[Job]:
         Job("expire-device-codes", 300.0, work.expire_device_codes),
         Job("expire-enrollments", 60.0, services.agents.expire),
         Job("prune-audit", 3600.0, work.prune_audit),
+        Job("webhooks", 2.0, services.webhooks.run, own_transactions=True),
     ]
 
 
 def _in_transaction(job: Job) -> int:
+    if job.own_transactions:
+        return job.run()
     with transaction():
         return job.run()
 

@@ -14,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ktizo.db import Database
-from ktizo.db.models import Authority, BaseConfigRow, ClusterSecrets, ClusterSettings, Device
+from ktizo.db.models import Authority, BaseConfigRow, ClusterSecrets, ClusterSettings, Device, Webhook
 from ktizo.db.types import utcnow
 from ktizo.domain.devices import DeviceStatus, Role
 from ktizo.domain.errors import Conflict, FailedPrecondition, NotReady, ValidationFailed
@@ -496,6 +496,10 @@ class ClusterService:
             if ca is not None and sealer.needs_reseal(ca.key):
                 ca.key = sealer.seal(self.sealer.open(ca.key))
                 count += 1
+            for hook in s.scalars(select(Webhook).with_for_update()):  # webhook signing secrets
+                if sealer.needs_reseal(hook.secret_sealed):
+                    hook.secret_sealed = sealer.seal(self.sealer.open(hook.secret_sealed))
+                    count += 1
             audit.record(s, actor, "secrets_reseal", None, {"values": count, "sealed": sealer.enabled})
         if sealer.enabled:
             self._remove_plaintext_mirrors()

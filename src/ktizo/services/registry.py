@@ -26,6 +26,7 @@ from ktizo.services.schema import SchemaService
 from ktizo.services.sites import SiteService
 from ktizo.services.users import UserService
 from ktizo.services.watch import ApprovalWatcher
+from ktizo.services.webhooks import WebhookService
 from ktizo.services.zero_touch import ZeroTouch
 
 
@@ -55,3 +56,4 @@ class Services:
     agents: AgentService
     sites: SiteService
     zero_touch: ZeroTouch
+    webhooks: WebhookService
