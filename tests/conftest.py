@@ -31,6 +31,7 @@ TABLES = (
     "webhooks",
     "events",
     "rules",
+    "applied_objects",
     "audit_events",
     "agent_api_keys",
     "site_enrollment_keys",

@@ -120,6 +120,9 @@ class Device(Base):
     site_id: Mapped[int | None] = mapped_column(ForeignKey("sites.id", ondelete="SET NULL"), index=True)
     machine_uid: Mapped[str | None] = mapped_column(String(80), unique=True)
     key_version: Mapped[int | None] = mapped_column(Integer)
+    # Pre-registered by ``ktizo apply`` with ``status: approved`` where approval must wait for the machine (an
+    # agent's certificate needs its enrollment): who asked. The first knock with this identity approves it.
+    approve_on_arrival: Mapped[str | None] = mapped_column(String(64))
     extra_nics: Mapped[list[dict[str, Any]]] = mapped_column(
         JSON, default=list, server_default="[]"
     )  # [{mac, addresses: [...]}]
@@ -566,3 +569,15 @@ class GitopsState(Base):
     pushed: Mapped[str | None] = mapped_column(String(64))  # the last commit the remote accepted
     last_error: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+
+
+class AppliedObject(Base):
+    """What ``ktizo apply`` manages: ``--prune`` deletes only objects an earlier apply made or took over, never a
+    machine that merely knocked (kubectl's last-applied rule)."""
+
+    __tablename__ = "applied_objects"
+
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)  # the object's key (a MAC for a Device)
+    applied_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    applied_by: Mapped[str] = mapped_column(String(64))

@@ -53,7 +53,7 @@ GITOPS_EVENTS = frozenset(
 NAMES = frozenset(EVENTS.values())
 
 # What an event tells of the machine: who it is and what it was given, never its patch or secrets.
-_MACHINE_FIELDS = (
+MACHINE_FIELDS = (
     "id",
     "kind",
     "mac_address",
@@ -78,7 +78,7 @@ def event_for(action: str, details: dict[str, Any]) -> str | None:
 def machine_of(device: Any) -> dict[str, Any] | None:
     if device is None:
         return None
-    return {name: getattr(device, name, None) for name in _MACHINE_FIELDS}
+    return {name: getattr(device, name, None) for name in MACHINE_FIELDS}
 
 
 def outbox(

@@ -406,6 +406,8 @@ class RuleEngine:
         it). Returns what the deciding rule did, or None when no rule took the machine."""
         if device.status != DeviceStatus.PENDING.value:
             return None
+        if device.approve_on_arrival:
+            return self._on_arrival(s, device)
         candidates = list(
             s.scalars(select(Rule).where(Rule.enabled.is_(True)).order_by(Rule.priority, Rule.name)).all()
         )
@@ -422,6 +424,21 @@ class RuleEngine:
             if outcome is not None:
                 return outcome
         return None
+
+    def _on_arrival(self, s: Session, device: Device) -> Outcome | None:
+        """A machine pre-registered with ``status: approved`` (``ktizo apply``) arrived with its identity."""
+        actor = Actor.user(device.approve_on_arrival or "apply", UserRole.OPERATOR)
+        savepoint = s.begin_nested()
+        try:
+            self.devices.approve_in(s, actor, device, DeviceChanges(), details={"on_arrival": True})
+            device.approve_on_arrival = None
+            savepoint.commit()
+        except (KtizoError, IntegrityError) as exc:
+            savepoint.rollback()
+            why = exc.message if isinstance(exc, KtizoError) else "a hostname or address was taken meanwhile"
+            audit.record(s, actor, "rule_failed", device, {"on_arrival": True, "reason": why})
+            return None
+        return Outcome("apply", 0, "approve", device.id, device.hostname, device.ip_address, device.role)
 
     def _act(self, s: Session, rule: Rule, device: Device) -> Outcome | None:
         actor = Actor.rule(rule.name, UserRole(rule.author_role))

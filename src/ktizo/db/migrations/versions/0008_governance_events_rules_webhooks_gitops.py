@@ -4,6 +4,7 @@
 - ``rules``: auto-approval rules, with the count of machines each decided.
 - ``webhooks`` / ``webhook_deliveries``: subscriptions (secret sealed) and one delivery per event and subscription.
 - ``gitops_state``: one row, locked by the replica writing the repository.
+- ``applied_objects``: what ``ktizo apply`` manages (``--prune`` touches nothing else); devices.approve_on_arrival.
 
 Revision ID: 0008
 Revises: 0007
@@ -24,6 +25,16 @@ _KEEP_IDS = {"sqlite_autoincrement": True}
 
 
 def upgrade() -> None:
+    op.create_table(
+        "applied_objects",
+        sa.Column("kind", sa.String(length=16), nullable=False),
+        sa.Column("name", sa.String(length=255), nullable=False),
+        sa.Column("applied_at", ktizo.db.types.UTCDateTime(), nullable=False),
+        sa.Column("applied_by", sa.String(length=64), nullable=False),
+        sa.PrimaryKeyConstraint("kind", "name", name=op.f("pk_applied_objects")),
+    )
+    with op.batch_alter_table("devices", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("approve_on_arrival", sa.String(length=64), nullable=True))
     op.create_table(
         "events",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -123,6 +134,9 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("devices", schema=None) as batch_op:
+        batch_op.drop_column("approve_on_arrival")
+    op.drop_table("applied_objects")
     with op.batch_alter_table("webhook_deliveries", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_webhook_deliveries_webhook_id"))
         batch_op.drop_index(batch_op.f("ix_webhook_deliveries_event_id"))
