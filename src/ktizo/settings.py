@@ -143,6 +143,21 @@ class Settings(BaseSettings):
         description="CIDRs webhook targets may not resolve into (e.g. 169.254.0.0/16 for cloud metadata); loopback "
         "and private targets are allowed unless listed here.",
     )
+    gitops_repo: Path | None = Field(
+        None,
+        description="A local git repository (made with `git init` if missing or empty) that every change to a machine "
+        "is committed to, as a Tinkerbell Hardware manifest and a Ktizo Device document (see docs/gitops.md).",
+    )
+    gitops_remote: str | None = Field(
+        None, description="Where the GitOps repository is pushed: any URL git accepts, a local path included."
+    )
+    gitops_branch: str = Field("main", description="The GitOps repository's branch.")
+    gitops_namespace: str = Field("tink-system", description="The namespace of the Hardware manifests.")
+    gitops_include_patches: bool = Field(
+        False, description="Write device patches into the Device documents (patches can hold secrets: off)."
+    )
+    gitops_interval_seconds: float = Field(5.0, gt=0, description="How often pending changes are committed and pushed.")
+    gitops_timeout_seconds: float = Field(30.0, gt=0, description="A git command (a push) taking longer fails.")
     log_level: str = "info"
     access_log: bool = Field(
         False, description="Log every HTTP request (a boot storm makes thousands; the audit log has what matters)."

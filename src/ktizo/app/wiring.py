@@ -19,6 +19,7 @@ from ktizo.services.devices import DeviceService
 from ktizo.services.dhcp import DhcpService
 from ktizo.services.download import ConfigDownload
 from ktizo.services.first_contact import FirstContact
+from ktizo.services.gitops import GitopsService
 from ktizo.services.groups import GroupService
 from ktizo.services.housekeeping import Housekeeping
 from ktizo.services.ipxe import IpxeService
@@ -137,4 +138,18 @@ def build_services(settings: Settings, db: Database | None = None, *, max_connec
         sites=sites,
         zero_touch=zero_touch,
         webhooks=WebhookService(db, sealer, deny=settings.webhook_deny),
+        gitops=GitopsService(
+            db,
+            source,
+            settings.gitops_repo.expanduser().resolve(),
+            settings.gitops_remote,
+            branch=settings.gitops_branch,
+            namespace=settings.gitops_namespace,
+            discovery_timeout=dt.timedelta(hours=settings.discovery_timeout_hours),
+            include_patches=settings.gitops_include_patches,
+            timeout=settings.gitops_timeout_seconds,
+            interval=settings.gitops_interval_seconds,
+        )
+        if settings.gitops_repo is not None
+        else None,
     )

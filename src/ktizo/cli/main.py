@@ -13,6 +13,7 @@ from typer.core import TyperGroup
 
 from ktizo import __version__
 from ktizo.cli import agents, assets, cluster, devices, groups, pxe, secrets, sites, users, webhooks
+from ktizo.cli import gitops as gitops_cli
 from ktizo.cli.common import (
     GLOBAL_OPTIONS_HINT,
     State,
@@ -89,6 +90,7 @@ app.add_typer(secrets.app, name="secrets")
 app.add_typer(pxe.app, name="pxe")
 app.add_typer(assets.app, name="assets")
 app.add_typer(webhooks.app, name="webhooks")
+app.add_typer(gitops_cli.app, name="gitops")
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 

@@ -17,6 +17,7 @@ from ktizo.services.devices import DeviceService
 from ktizo.services.dhcp import DhcpService
 from ktizo.services.download import ConfigDownload
 from ktizo.services.first_contact import FirstContact
+from ktizo.services.gitops import GitopsService
 from ktizo.services.groups import GroupService
 from ktizo.services.housekeeping import Housekeeping
 from ktizo.services.ipxe import IpxeService
@@ -57,3 +58,4 @@ class Services:
     sites: SiteService
     zero_touch: ZeroTouch
     webhooks: WebhookService
+    gitops: GitopsService | None  # None: no KTIZO_GITOPS_REPO

@@ -1,0 +1,1 @@
+"""The GitOps repository: Tinkerbell ``Hardware`` manifests and Ktizo ``Device`` documents, and git to commit them."""
