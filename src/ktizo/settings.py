@@ -162,6 +162,10 @@ class Settings(BaseSettings):
     access_log: bool = Field(
         False, description="Log every HTTP request (a boot storm makes thousands; the audit log has what matters)."
     )
+    metrics_enabled: bool = Field(True, description="Serve Prometheus metrics at /metrics (counts only, no MACs).")
+    metrics_token: str | None = Field(
+        None, description="When set, /metrics requires Authorization: Bearer <this token> (default: no auth)."
+    )
 
     @field_validator("discovery_subnets", "trusted_proxies", "webhook_deny", mode="before")
     @classmethod

@@ -18,6 +18,7 @@ from ktizo import __version__
 from ktizo.api import BodyLimitMiddleware, build_router, install_error_handlers
 from ktizo.api.docs import install_docs
 from ktizo.api.errors import ErrorOut
+from ktizo.api.metrics import install as install_metrics
 from ktizo.app.wiring import build_services
 from ktizo.domain.addresses import Network, client_address, is_trusted, parse_networks
 from ktizo.domain.errors import Conflict
@@ -155,6 +156,7 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
     app.state.settings = settings
     install_error_handlers(app)
     app.include_router(build_router())
+    install_metrics(app, settings, services)  # /metrics, and request latency (innermost middleware)
     # Added innermost first: the client's address is fixed before anything else reads it, the transaction is
     # closest to the handlers.
     app.add_middleware(TransactionMiddleware)

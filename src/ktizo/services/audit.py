@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from ktizo.db import Database
 from ktizo.db.models import AuditEvent, Refusal
 from ktizo.domain.bounds import as_utc, is_possible_id
-from ktizo.services import events
+from ktizo.services import events, metrics
 from ktizo.services.context import Actor
 
 # Re-exported: the values of this service (they live apart so that the CLI starts fast).
@@ -124,6 +124,7 @@ def record(
     )
     who = {"name": actor.name, "kind": actor.kind, "source_ip": actor.source_ip}
     events.outbox(session, action, who, device, _scrub_patches(details))
+    metrics.audited(session, action, actor.kind, details)  # counted once committed (services/metrics.py)
 
 
 def patch_summary(text: str | None) -> str | None:
