@@ -25,6 +25,7 @@ from ktizo.web import (
     routing,
     sites,
     users,
+    webhooks,
 )
 
 STATIC = Path(__file__).parent / "static"
@@ -35,6 +36,7 @@ def mount(app: FastAPI) -> None:
     app.mount("/ui/static", StaticFiles(directory=STATIC), name="ui-static")
     for module in (auth, bulk, devices, device_detail, agents, sites, collisions, codes, cluster, audit, users):
         app.include_router(module.router)
+    app.include_router(webhooks.router)
 
     async def page_or_json(request: Request, exc: Exception) -> Response:
         # A mistyped UI address is a page in the UI's look, not the API's JSON.
