@@ -176,7 +176,8 @@ def test_default_jobs_expire_after_the_configured_timeout(settings: Settings, cl
         services.devices.register(DISCOVERED["dhcp"], None)
         clock.advance(hours=1, seconds=1)
         jobs = {job.name: job for job in default_jobs(services)}
-        assert set(jobs) == {"expire-discovered", "expire-device-codes", "expire-enrollments", "prune-audit"}
+        expected = {"expire-discovered", "expire-device-codes", "expire-enrollments", "prune-audit", "webhooks"}
+        assert set(jobs) == expected
         assert jobs["expire-discovered"].every <= 300
         assert jobs["expire-discovered"].run() == 1  # two hours and a second old; the other is one hour old
         assert set(sources(services)) == {DISCOVERED["dhcp"]}
