@@ -89,7 +89,9 @@ def database_url(db_template: str, tmp_path: Path) -> str:
             # TRUNCATE bypasses the audit log's row triggers, which is exactly what a fresh test needs.
             conn.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
             conn.execute(text("UPDATE config_state SET revision = 1"))
-            conn.execute(text("UPDATE gitops_state SET head = NULL, pushed = NULL, last_error = NULL, updated_at = NULL"))
+            conn.execute(
+                text("UPDATE gitops_state SET head = NULL, pushed = NULL, last_error = NULL, updated_at = NULL")
+            )
         engine.dispose()
         return db_template
     target = tmp_path / "ktizo.db"

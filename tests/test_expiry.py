@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from ktizo.app import build_services, create_app
-from ktizo.db.models import AuditEvent, Device, DeviceCode
+from ktizo.db.models import AuditEvent, Device, DeviceCode, Event
 from ktizo.db.types import utcnow
 from ktizo.jobs.runner import Job, JobRunner, default_jobs
 from ktizo.services.boot import Claim, NotApproved
@@ -176,7 +176,8 @@ def test_default_jobs_expire_after_the_configured_timeout(settings: Settings, cl
         services.devices.register(DISCOVERED["dhcp"], None)
         clock.advance(hours=1, seconds=1)
         jobs = {job.name: job for job in default_jobs(services)}
-        expected = {"expire-discovered", "expire-device-codes", "expire-enrollments", "prune-audit", "webhooks"}
+        expected = {"expire-discovered", "expire-device-codes", "expire-enrollments", "prune-audit", "prune-events"}
+        expected.add("webhooks")
         assert set(jobs) == expected
         assert jobs["expire-discovered"].every <= 300
         assert jobs["expire-discovered"].run() == 1  # two hours and a second old; the other is one hour old
@@ -249,3 +250,19 @@ def test_concurrent_runs_remove_each_device_once(services: Services, settings: S
     assert len(events) == count
     assert len({e.device_id for e in events}) == count
     assert sources(services) == {}
+
+
+def test_events_handed_on_are_pruned_after_the_retention(services: Services, clock: ManualClock) -> None:
+    device = services.devices.create(Actor.system(), DeviceChanges(mac_address="52:54:00:00:77:01"))
+    services.devices.approve(Actor.system(), device.id, DeviceChanges())
+    with services.db.read() as s:
+        assert s.scalar(select(func.count()).select_from(Event)) == 2  # device.created, device.approved
+    assert services.housekeeping.prune_events() == 0  # not handed on to webhooks yet
+    services.webhooks.dispatch()
+    clock.advance(days=6)
+    assert services.housekeeping.prune_events() == 0  # handed on, but younger than the 7 days kept
+    clock.advance(days=1, seconds=1)
+    assert services.housekeeping.prune_events() == 2
+    with services.db.read() as s:
+        assert s.scalar(select(func.count()).select_from(Event)) == 0
+        assert s.scalar(select(func.count()).select_from(AuditEvent)) == 2  # the audit log is kept apart

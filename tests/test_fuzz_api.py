@@ -32,6 +32,10 @@ CHECKS = [
     checks.response_headers_conformance,
 ]
 
+# The export is a YAML stream (documents separated by ---), which schemathesis parses as one YAML document: its
+# body is checked in test_apply.py instead.
+MULTI_DOCUMENT = {"/api/v1/export": [c for c in CHECKS if c is not checks.response_schema_conformance]}
+
 
 def test_api_survives_fuzzing(api_schema, admin: dict[str, str]) -> None:  # type: ignore[no-untyped-def]
     """Every operation of the schema in turn, each with its own hypothesis run; every failure is reported.
@@ -55,7 +59,7 @@ def test_api_survives_fuzzing(api_schema, admin: dict[str, str]) -> None:  # typ
         def fuzz(case) -> None:  # type: ignore[no-untyped-def]
             # Ktizo validates meaning beyond the schema (a multicast MAC is a well-formed string), so "schema-valid
             # input must be accepted" does not hold; what must hold is: no server error, and answers as documented.
-            case.call_and_validate(headers=admin, checks=CHECKS)
+            case.call_and_validate(headers=admin, checks=MULTI_DOCUMENT.get(case.operation.path, CHECKS))
 
         try:
             fuzz()

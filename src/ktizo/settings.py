@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     talos_version: str = Field("v1.13", description="Talos version whose config format is served.")
     max_body_bytes: int = Field(64 * 1024, description="Largest request body accepted by most endpoints.")
     max_upload_bytes: int = Field(1024 * 1024, description="Largest base config upload.")
+    max_apply_bytes: int = Field(
+        64 * 1024 * 1024, description="Largest body of POST /api/v1/apply (100,000 Device documents are ~20 MiB)."
+    )
     last_seen_interval: float = Field(
         15.0,
         description="Seconds between last_seen writes for a polling device (saves writes in a boot storm).",
@@ -76,6 +79,9 @@ class Settings(BaseSettings):
     )
     audit_retention_days: int = Field(
         400, ge=0, description="Audit rows (and refusal counters) older than this are deleted by a job (0: kept)."
+    )
+    event_retention_days: int = Field(
+        7, ge=0, description="Events handed on to webhooks and GitOps (and their delivery log) are kept this long."
     )
     long_poll_max_held: int = Field(
         0, ge=0, description="Config requests held open at once in all (0: half the connection limit)."

@@ -15,6 +15,7 @@ from ktizo.api import (
     groups,
     health,
     netboot,
+    rules,
     sites,
     talos,
     webhooks,
@@ -34,6 +35,7 @@ def build_router() -> APIRouter:
     router.include_router(auth.router)
     router.include_router(agents.router)
     router.include_router(sites.router)
+    router.include_router(rules.router)
     router.include_router(webhooks.router)
     return router
 

@@ -167,6 +167,7 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
         prefix_limits={
             "/api/v1/cluster/base/": settings.max_upload_bytes,
             "/api/v1/groups": settings.max_upload_bytes,
+            "/api/v1/apply": settings.max_apply_bytes,
             "/ui/cluster/base": settings.max_upload_bytes,
         },
     )

@@ -26,6 +26,7 @@ from ktizo.services.ipxe import IpxeService
 from ktizo.services.preview import PreviewService
 from ktizo.services.registry import Services
 from ktizo.services.render import ConfigSource, RenderCache, Renderer
+from ktizo.services.rules import RuleEngine
 from ktizo.services.schema import SchemaService
 from ktizo.services.sites import SiteService
 from ktizo.services.users import UserService
@@ -94,6 +95,8 @@ def build_services(settings: Settings, db: Database | None = None, *, max_connec
         lockout=dt.timedelta(minutes=settings.enroll_lockout_minutes),
         online_window=dt.timedelta(seconds=3 * settings.agent_checkin_seconds),
     )
+    rules = RuleEngine(db, devices)
+    first_contact.decider = lambda s, device, knock: rules.decide(s, device, knock) is not None
     return Services(
         db=db,
         source=source,
@@ -125,6 +128,8 @@ def build_services(settings: Settings, db: Database | None = None, *, max_connec
             db,
             discovery_timeout=dt.timedelta(hours=settings.discovery_timeout_hours),
             audit_retention=dt.timedelta(days=settings.audit_retention_days),
+            event_retention=dt.timedelta(days=settings.event_retention_days),
+            gitops=settings.gitops_repo is not None,
         ),
         watcher=watcher,
         cluster=ClusterService(db, sealer, source, settings.base_templates_dir, talos_version),
@@ -138,6 +143,7 @@ def build_services(settings: Settings, db: Database | None = None, *, max_connec
         sites=sites,
         zero_touch=zero_touch,
         webhooks=WebhookService(db, sealer, deny=settings.webhook_deny),
+        rules=rules,
         gitops=GitopsService(
             db,
             source,

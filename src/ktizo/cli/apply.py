@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -58,9 +59,16 @@ def apply(
     if not docs:
         fail("no documents to apply")
     services = state(ctx).services()
-    if len(docs) > 1000:
-        typer.echo(f"applying {len(docs)} documents…", err=True)
-    report = services.declarative.apply(Actor.cli(), docs, dry_run=dry_run, prune=prune)
+    big = len(docs) > 1000
+    started = time.monotonic()
+
+    def progress(message: str) -> None:
+        if big:
+            typer.echo(f"[{time.monotonic() - started:5.1f} s] {message}", err=True)
+
+    progress(f"applying {len(docs)} documents in one transaction")
+    report = services.declarative.apply(Actor.cli(), docs, dry_run=dry_run, prune=prune, progress=progress)
+    progress("applied, committing" if not dry_run else "rolled back (dry run)")
     suffix = " (dry run)" if dry_run else ""
     shown = 0
     for change in report.changes:

@@ -12,7 +12,8 @@ import typer
 from typer.core import TyperGroup
 
 from ktizo import __version__
-from ktizo.cli import agents, assets, cluster, devices, groups, pxe, secrets, sites, users, webhooks
+from ktizo.cli import agents, assets, cluster, devices, groups, pxe, rules, secrets, sites, users, webhooks
+from ktizo.cli import apply as apply_cli
 from ktizo.cli import gitops as gitops_cli
 from ktizo.cli.common import (
     GLOBAL_OPTIONS_HINT,
@@ -91,6 +92,9 @@ app.add_typer(pxe.app, name="pxe")
 app.add_typer(assets.app, name="assets")
 app.add_typer(webhooks.app, name="webhooks")
 app.add_typer(gitops_cli.app, name="gitops")
+app.add_typer(rules.app, name="rules")
+app.command("apply")(apply_cli.apply)
+app.command("export")(apply_cli.export)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 

@@ -29,6 +29,7 @@ def default_jobs(services: Services) -> list[Job]:
         Job("expire-device-codes", 300.0, work.expire_device_codes),
         Job("expire-enrollments", 60.0, services.agents.expire),
         Job("prune-audit", 3600.0, work.prune_audit),
+        Job("prune-events", 3600.0, work.prune_events),
         *(
             [Job("gitops", services.gitops.interval, services.gitops.run, own_transactions=True)]
             if services.gitops

@@ -13,13 +13,14 @@ use cases (update, approve, reject), one by one, with every rule those enforce."
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import yaml
-from sqlalchemy import Table, delete, insert, select
+from sqlalchemy import Table, delete, insert, select, text
 from sqlalchemy.orm import Session
 
 from ktizo.db import Database
@@ -233,6 +234,7 @@ class Declarative:
         self.rules = rules
         self.sites = sites
         self.webhooks = webhooks
+        self._progress: Callable[[str], None] = lambda _message: None
 
     # -- export ----------------------------------------------------------------------------------------
 
@@ -276,13 +278,13 @@ class Declarative:
         for doc in docs:
             by_kind[doc.kind].append(doc)
         report = Report([], dry_run)
+        self._progress = progress or (lambda _message: None)
         try:
             with self.db.write() as s:
                 named: dict[str, set[str]] = {}
                 for kind in KINDS:
                     if by_kind[kind]:
-                        if progress is not None:
-                            progress(f"{kind}: {len(by_kind[kind])} document(s)")
+                        self._progress(f"{kind}: {len(by_kind[kind])} document(s)")
                         before = len(report.changes)
                         self._apply_kind(s, actor, kind, by_kind[kind], report)
                         named[kind] = {c.name for c in report.changes[before:]}
@@ -408,8 +410,11 @@ class Declarative:
         existing = self._existing_devices(s, list(wanted))
         self._check_unique(s, wanted, existing)
         new = [(doc, values) for key, (doc, values) in wanted.items() if key not in existing]
+        self._progress(f"devices: {len(existing)} known, {len(new)} new")
         for start in range(0, len(new), BATCH):
             self._insert_devices(s, actor, new[start : start + BATCH])
+            if (start // BATCH) % 10 == 9:
+                self._progress(f"devices: {start + BATCH}/{len(new)} inserted")
         for doc, values in new:
             key = device_key(values)
             assert key is not None
@@ -433,7 +438,7 @@ class Declarative:
         managed = set(s.scalars(select(AppliedObject.name).where(AppliedObject.kind == "Device")))
         fresh = [r for r in rows if r["name"] not in managed]
         for start in range(0, len(fresh), BATCH):
-            s.execute(insert(AppliedObject), fresh[start : start + BATCH])
+            _insert_many(s, _table(AppliedObject), fresh[start : start + BATCH])
 
     def _device_values(self, actor: Actor, doc: Document) -> dict[str, Any]:
         spec = doc.spec
@@ -548,6 +553,8 @@ class Declarative:
                     "serial": values.get("serial"),
                     "hostname": values.get("hostname"),
                     "ip_address": values.get("ip_address"),
+                    # What the ORM's validator derives: the approved-address unique index is over it.
+                    "static_ip": values["ip_address"].split("/")[0] if values.get("ip_address") else None,
                     "role": None if agent else values.get("role") or Role.WORKER.value,
                     "labels": values.get("labels") or {},  # (an agent's role stays NULL: see kind_fields)
                     "patch": values.get("patch"),
@@ -568,11 +575,13 @@ class Declarative:
                     "revision": 1,
                 }
             )
-        table = cast(Table, Device.__table__)  # Core, not the ORM: an agent's role stays NULL (the ORM defaults it)
-        made = s.execute(insert(table).returning(table.c.id, sort_by_parameter_order=True), rows).scalars().all()
+        table = _table(Device)  # Core, not the ORM: an agent's role stays NULL (the ORM would default it)
+        # The rows in one batched INSERT, then their new ids in one query.
+        made = _insert_many(s, table, rows, returning=("id", "mac_address", "machine_id", "uuid"))
+        ids = {r.mac_address or r.machine_id or r.uuid: r.id for r in made}
         trail: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
-        for device_id, row in zip(made, rows, strict=True):
-            shown = {**row, "id": device_id}
+        for row in rows:
+            shown = {**row, "id": ids[row["mac_address"] or row["machine_id"] or row["uuid"]]}
             trail.append(("create", shown, {"source": "apply", "hostname": row["hostname"], "role": row["role"]}))
             if row["status"] == DeviceStatus.APPROVED.value:
                 trail.append(
@@ -606,6 +615,13 @@ class Declarative:
             if getattr(device, name) != wanted:
                 setattr(changes, name, wanted)
         status = values["status"]
+        wanted_status = DeviceStatus.PENDING.value if status == "approved" and device.approve_on_arrival else status
+        if (
+            not changes.items()
+            and wanted_status in (None, device.status)
+            and not (device.approve_on_arrival and status not in (None, DeviceStatus.APPROVED.value))
+        ):
+            return  # the common case of a re-apply: nothing to write, nothing to read back
         if status is None or status == device.status:
             if changes.items():
                 self.devices.update(actor, device.id, changes)
@@ -670,9 +686,59 @@ def record_many(s: Session, actor: Actor, entries: list[tuple[str, dict[str, Any
                 }
             )
     for start in range(0, len(audits), BATCH):
-        s.execute(insert(AuditEvent), audits[start : start + BATCH])
+        _insert_many(s, _table(AuditEvent), audits[start : start + BATCH])
     for start in range(0, len(outbox), BATCH):
-        s.execute(insert(Event), outbox[start : start + BATCH])
+        _insert_many(s, _table(Event), outbox[start : start + BATCH])
+
+
+def _insert_many(
+    s: Session, table: Table, rows: list[dict[str, Any]], *, returning: Sequence[str] = ()
+) -> Sequence[Any]:
+    """Rows in one statement per batch (every row has the same keys); with ``returning``, those columns of the new
+    rows (in no particular order)."""
+    if not rows:
+        return []
+    if s.get_bind().dialect.name == "postgresql":
+        # One parameter, the batch as a JSON array, expanded by the server: psycopg would otherwise parse a
+        # statement of tens of thousands of placeholders in Python for every batch.
+        columns = ", ".join(f'"{name}"' for name in rows[0])
+        back = f" RETURNING {', '.join(returning)}" if returning else ""
+        done = s.execute(
+            text(
+                f'INSERT INTO "{table.name}" ({columns}) SELECT {columns} '  # noqa: S608 - names from the table
+                f'FROM json_populate_recordset(NULL::"{table.name}", CAST(:rows AS json)){back}'
+            ),
+            {"rows": json.dumps(rows, default=_json_value)},
+        )
+        return done.all() if returning else []
+    s.execute(insert(table), rows)  # sqlite3's executemany: one prepared statement for the batch
+    if not returning:
+        return []
+    # SQLite cannot return the rows of an executemany: look them up by their keys (indexed, so one query).
+    found: list[Any] = []
+    for key in ("mac_address", "machine_id", "uuid"):
+        keys = [r[key] for r in rows if _identity(r) == key]
+        if keys:
+            stmt = select(*(table.c[c] for c in returning)).where(table.c[key].in_(keys))
+            if key == "uuid":
+                stmt = stmt.where(table.c.mac_address.is_(None))
+            found.extend(s.execute(stmt).all())
+    return found
+
+
+def _identity(row: dict[str, Any]) -> str:
+    return "mac_address" if row.get("mac_address") else "machine_id" if row.get("machine_id") else "uuid"
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, dt.datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def _table(model: Any) -> Table:
+    """A model's Core table: batches of thousands of rows go through Core's executemany, not the ORM's unit of work."""
+    return cast(Table, model.__table__)
 
 
 def _object_key(kind: str, doc: Document) -> str:

@@ -1,5 +1,6 @@
 """What the background jobs do: discovered machines nobody approved expire, used and expired console codes are
-deleted, and the audit log (with the refusal counters) is kept for ``KTIZO_AUDIT_RETENTION_DAYS``.
+deleted, the audit log (with the refusal counters) is kept for ``KTIZO_AUDIT_RETENTION_DAYS``, and events the outbox
+has handed on are kept for ``KTIZO_EVENT_RETENTION_DAYS`` (with their webhook delivery log).
 
 Each is one transaction. On PostgreSQL several replicas may run the same job at once; ``FOR UPDATE SKIP LOCKED``
 keeps them from doing the same rows twice (a row deleted twice is harmless, a row audited twice is not)."""
@@ -13,7 +14,7 @@ from sqlalchemy import delete, or_, select, update
 from sqlalchemy.engine import CursorResult
 
 from ktizo.db import Database
-from ktizo.db.models import AuditEvent, AuditRetention, Device, DeviceCode, Refusal
+from ktizo.db.models import AuditEvent, AuditRetention, Device, DeviceCode, Event, Refusal
 from ktizo.db.types import utcnow
 from ktizo.domain.devices import DeviceStatus, MachineKind, Source
 from ktizo.services import audit
@@ -24,10 +25,33 @@ BATCH = 1000
 
 
 class Housekeeping:
-    def __init__(self, db: Database, *, discovery_timeout: dt.timedelta, audit_retention: dt.timedelta) -> None:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        discovery_timeout: dt.timedelta,
+        audit_retention: dt.timedelta,
+        event_retention: dt.timedelta = dt.timedelta(days=7),
+        gitops: bool = False,
+    ) -> None:
         self.db = db
         self.discovery_timeout = discovery_timeout
         self.audit_retention = audit_retention
+        self.event_retention = event_retention
+        self.gitops = gitops  # whether the GitOps writer takes events (else nobody clears gitops_pending)
+
+    def prune_events(self) -> int:
+        """Delete outbox events older than the retention that every reader has handed on (their deliveries go with
+        them: a delivery is retried for 24 hours, the retention is days)."""
+        if self.event_retention <= dt.timedelta(0):
+            return 0
+        handed_on = [Event.webhooks_pending.is_(False)]
+        if self.gitops:
+            handed_on.append(Event.gitops_pending.is_(False))
+        with self.db.write() as s:
+            old = select(Event.id).where(Event.at < utcnow() - self.event_retention, *handed_on).limit(BATCH * 10)
+            result = s.execute(delete(Event).where(Event.id.in_(old.scalar_subquery())))
+            return int(cast("CursorResult[Any]", result).rowcount or 0)
 
     def expire_discovered(self, older_than: dt.timedelta | None = None) -> int:
         """Remove pending devices that were discovered (not pre-registered) and never approved in time."""

@@ -12,6 +12,7 @@ from ktizo.services.boot import BootService
 from ktizo.services.bulk import BulkService
 from ktizo.services.cluster import ClusterService
 from ktizo.services.console_codes import ConsoleCodeService
+from ktizo.services.declarative import Declarative
 from ktizo.services.device_flow import DeviceFlowService
 from ktizo.services.devices import DeviceService
 from ktizo.services.dhcp import DhcpService
@@ -23,6 +24,7 @@ from ktizo.services.housekeeping import Housekeeping
 from ktizo.services.ipxe import IpxeService
 from ktizo.services.preview import PreviewService
 from ktizo.services.render import ConfigSource, Renderer
+from ktizo.services.rules import RuleEngine
 from ktizo.services.schema import SchemaService
 from ktizo.services.sites import SiteService
 from ktizo.services.users import UserService
@@ -58,4 +60,10 @@ class Services:
     sites: SiteService
     zero_touch: ZeroTouch
     webhooks: WebhookService
+    rules: RuleEngine
     gitops: GitopsService | None  # None: no KTIZO_GITOPS_REPO
+
+    @property
+    def declarative(self) -> Declarative:
+        """``ktizo apply`` / ``export`` over the services above (it keeps no state of its own)."""
+        return Declarative(self.db, self.devices, self.groups, self.rules, self.sites, self.webhooks)
