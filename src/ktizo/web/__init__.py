@@ -23,6 +23,7 @@ from ktizo.web import (
     device_detail,
     devices,
     routing,
+    rules,
     sites,
     users,
     webhooks,
@@ -37,6 +38,7 @@ def mount(app: FastAPI) -> None:
     for module in (auth, bulk, devices, device_detail, agents, sites, collisions, codes, cluster, audit, users):
         app.include_router(module.router)
     app.include_router(webhooks.router)
+    app.include_router(rules.router)
 
     async def page_or_json(request: Request, exc: Exception) -> Response:
         # A mistyped UI address is a page in the UI's look, not the API's JSON.
