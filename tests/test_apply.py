@@ -9,7 +9,9 @@ from typing import Any
 import pytest
 import yaml
 from fastapi.testclient import TestClient
+from sqlalchemy import func, select
 
+from ktizo.db.models import Event
 from ktizo.domain.errors import ValidationFailed
 from ktizo.domain.users import UserRole
 from ktizo.services.audit import AuditQuery
@@ -247,6 +249,8 @@ def test_a_big_file_applies_in_batches_with_every_machine_audited(services: Serv
     assert services.devices.list(DeviceQuery(limit=1))[1] == 2500
     approvals, total = services.audit.list(AuditQuery(action="approve", limit=1))
     assert total == 2500 and approvals[0].actor == "root"
+    with services.db.read() as s:
+        assert s.scalar(select(func.count()).select_from(Event).where(Event.event == "device.approved")) == 2500
     assert set(apply(services, "---\n".join(docs)).values()) == {"unchanged"}
 
 
