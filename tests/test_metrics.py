@@ -171,12 +171,19 @@ def test_state_gauges_and_their_zeroes(client: TestClient, services: Services, m
 
     assert value(samples, "ktizo_build_info", version=__version__) == 1
 
-    register(client)  # a discovered machine is an event the GitOps writer has not written yet
+    register(client)  # without a GitOps repository, nobody takes GitOps events: no backlog
     monkeypatch.setattr(services.download, "_held", 2)
     _, later = scrape(client)
-    assert value(later, "ktizo_gitops_pending_events") == 1
-    assert value(later, "ktizo_gitops_lag_seconds") >= 0
+    assert value(later, "ktizo_gitops_pending_events") == 0
     assert value(later, "ktizo_held_long_polls") == 2
+
+
+def test_the_gitops_backlog_is_reported_when_a_repository_is_set(make_client: Any, tmp_path: Path) -> None:
+    gitops_client, _ = make_client(gitops_repo=tmp_path / "repo")
+    register(gitops_client)  # a discovered machine is an event the GitOps writer has not written yet
+    _, samples = scrape(gitops_client)
+    assert value(samples, "ktizo_gitops_pending_events") == 1
+    assert value(samples, "ktizo_gitops_lag_seconds") >= 0
 
 
 def test_webhook_deliveries_are_counted_by_outcome(client: TestClient, services: Services) -> None:

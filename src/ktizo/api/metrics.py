@@ -69,7 +69,7 @@ def install(app: FastAPI, settings: Settings, services: Services) -> None:
     """Serve ``/metrics`` and time requests, unless metrics are off. Call before the other middleware is added."""
     if not settings.metrics_enabled:
         return
-    metrics = Metrics(services.db, services.download, version=__version__)
+    metrics = Metrics(services.db, services.download, version=__version__, gitops=services.gitops is not None)
     hook.install(metrics)
     app.state.metrics = metrics
     app.include_router(router)

@@ -44,7 +44,15 @@ class Metrics:
     """One app's metrics: a private registry holding the process counters, the latency histogram and the collector
     that reads the database (cached for ``cache_seconds``, so a scrape storm is a query storm only once)."""
 
-    def __init__(self, db: Database, held: HeldSource | None = None, *, version: str, cache_seconds: float = 2.0):
+    def __init__(
+        self,
+        db: Database,
+        held: HeldSource | None = None,
+        *,
+        version: str,
+        cache_seconds: float = 2.0,
+        gitops: bool = True,
+    ):
         self.db = db
         self.registry = CollectorRegistry()
         r = self.registry
@@ -81,7 +89,7 @@ class Metrics:
         for outcome in DELIVERY_OUTCOMES:
             self.deliveries.labels(outcome)
         self._children: dict[tuple[str, str, int], Any] = {}
-        self.state = StateCollector(db, held, version=version, cache_seconds=cache_seconds)
+        self.state = StateCollector(db, held, version=version, cache_seconds=cache_seconds, gitops=gitops)
         r.register(self.state)
 
     def render(self) -> bytes:
@@ -145,8 +153,11 @@ class StateCollector(Collector):
     """Gauges read at scrape time: machines by kind and status, the webhook queue and the GitOps backlog (from the
     database, a few aggregate queries cached for ``cache_seconds``), held config requests (this process)."""
 
-    def __init__(self, db: Database, held: HeldSource | None, *, version: str, cache_seconds: float) -> None:
+    def __init__(
+        self, db: Database, held: HeldSource | None, *, version: str, cache_seconds: float, gitops: bool = True
+    ) -> None:
         self.db = db
+        self.gitops = gitops  # without a GitOps repository nobody takes those events: no backlog to report
         self.held = held
         self.version = version
         self.cache_seconds = cache_seconds
@@ -202,7 +213,7 @@ class StateCollector(Collector):
                 return self._snapshot
             try:
                 with self.db.read() as s:
-                    snapshot = _query(s)
+                    snapshot = _query(s, gitops=self.gitops)
             except Exception:  # a scrape still answers (with ktizo_database_up 0) when the database does not
                 log.warning("metrics: the database could not be read", exc_info=True)
                 self._snapshot = None
@@ -211,7 +222,7 @@ class StateCollector(Collector):
             return snapshot
 
 
-def _query(s: Session) -> _Snapshot:
+def _query(s: Session, *, gitops: bool = True) -> _Snapshot:
     snap = _Snapshot()
     snap.machines = {(k, st): 0 for k in MACHINE_KINDS for st in MACHINE_STATUSES}
     for kind, status, n in s.execute(
@@ -224,8 +235,10 @@ def _query(s: Session) -> _Snapshot:
     snap.oldest_delivery = s.scalar(
         select(func.min(WebhookDelivery.created_at)).where(WebhookDelivery.status == "pending")
     )
-    count, oldest = s.execute(select(func.count(), func.min(Event.at)).where(Event.gitops_pending.is_(True))).one()
-    snap.gitops_pending, snap.oldest_gitops = int(count), oldest
+    if gitops:
+        pending = select(func.count(), func.min(Event.at)).where(Event.gitops_pending.is_(True))
+        count, oldest = s.execute(pending).one()
+        snap.gitops_pending, snap.oldest_gitops = int(count), oldest
     return snap
 
 
