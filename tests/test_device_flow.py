@@ -362,7 +362,7 @@ def test_malformed_codes_are_422(site: Site) -> None:
         assert "BCDF-GHJK" in r.text
 
 
-def test_guessing_codes_locks_the_operator_out(site: Site, services: Services) -> None:
+def test_guessing_codes_locks_the_operator_out(site: Site, services: Services, clock: ManualClock) -> None:
     flow = started(site)
     for i in range(10):
         guess = "BBBB-BB" + "BCDFGHJKLM"[i] + "Z"
