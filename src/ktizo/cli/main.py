@@ -14,6 +14,7 @@ from typer.core import TyperGroup
 from ktizo import __version__
 from ktizo.cli import agents, assets, cluster, devices, groups, pxe, rules, secrets, sites, users, webhooks
 from ktizo.cli import apply as apply_cli
+from ktizo.cli import backup as backup_cli
 from ktizo.cli import gitops as gitops_cli
 from ktizo.cli.common import (
     GLOBAL_OPTIONS_HINT,
@@ -95,6 +96,8 @@ app.add_typer(gitops_cli.app, name="gitops")
 app.add_typer(rules.app, name="rules")
 app.command("apply")(apply_cli.apply)
 app.command("export")(apply_cli.export)
+app.command("backup")(backup_cli.backup)
+app.command("restore")(backup_cli.restore)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 
