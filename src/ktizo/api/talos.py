@@ -54,6 +54,32 @@ def _lenient_hostname(value: str | None) -> str | None:
         return None
 
 
+def talos_claim(
+    mac: str | None,
+    uuid: str | None,
+    serial: str | None,
+    hostname: str | None,
+    source_ip: str | None,
+    *,
+    authorization: str | None,
+) -> Claim:
+    """The claim of a request in Talos's query form, each value normalised; raises ``ValidationFailed``."""
+    return Claim(
+        mac=_optional(mac, normalize_mac, "mac"),
+        uuid=_optional(uuid, normalize_uuid, "uuid"),
+        serial=_optional(serial, normalize_serial, "serial"),
+        hostname=_lenient_hostname(hostname),
+        source_ip=source_ip,
+        authorization=authorization,
+    )
+
+
+def text_refusal(exc: KtizoError, started: float) -> tuple[int, dict[str, str], str]:
+    """The plain-text refusal Talos logs: status, headers, body."""
+    status = status_for(exc)
+    return 400 if status == 422 else status, timing(started) | retry_after(exc), str(exc) + "\n"
+
+
 @router.get(
     "/config/download",
     response_class=Response,
@@ -84,22 +110,16 @@ async def download_config_get(
     started = time.perf_counter()
 
     def refused(exc: KtizoError) -> Response:
-        status = status_for(exc)
-        headers = _timing(started) | retry_after(exc)
-        return PlainTextResponse(str(exc) + "\n", status_code=400 if status == 422 else status, headers=headers)
+        status, headers, body = text_refusal(exc, started)
+        return PlainTextResponse(body, status_code=status, headers=headers)
 
     try:
-        claim = Claim(
-            mac=_optional(mac, normalize_mac, "mac"),
-            uuid=_optional(uuid, normalize_uuid, "uuid"),
-            serial=_optional(serial, normalize_serial, "serial"),
-            hostname=_lenient_hostname(hostname),
-            source_ip=client_ip(request),
-            authorization=request.headers.get("authorization"),
+        claim = talos_claim(
+            mac, uuid, serial, hostname, client_ip(request), authorization=request.headers.get("authorization")
         )
     except KtizoError as exc:
         return refused(exc)
-    return await _download(request, services, claim, refused, lambda: _timing(started))
+    return await _download(request, services, claim, refused, lambda: timing(started))
 
 
 @router.post(
@@ -132,7 +152,7 @@ async def _download(
     """The one config-download use case behind both forms; this adapter adds only the answer's shape and the
     client's hang-up (which ends a long poll at once and means the config was never delivered)."""
     gone = asyncio.Event()
-    listener = asyncio.create_task(_until_disconnect(request, gone))
+    listener = asyncio.create_task(until_disconnect(request.receive, gone))
     try:
         answer = await services.download.request(claim, gone)
         body = answer.result()
@@ -142,8 +162,8 @@ async def _download(
     return _Delivering(body, headers(), gone, listener, lambda: services.download.delivered(answer, gone))
 
 
-async def _until_disconnect(request: Request, gone: asyncio.Event) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
+async def until_disconnect(receive: Receive, gone: asyncio.Event) -> None:
+    while (await receive())["type"] != "http.disconnect":
         pass
     gone.set()
 
@@ -175,7 +195,7 @@ class _Delivering(Response):
             await self._delivered()
 
 
-def _timing(started: float) -> dict[str, str]:
+def timing(started: float) -> dict[str, str]:
     # The boot path's own cost, for benchmarks and operators' load balancers (RFC: W3C Server-Timing).
     return {"Server-Timing": f"app;dur={(time.perf_counter() - started) * 1e3:.3f}"}
 

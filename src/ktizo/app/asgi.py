@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ktizo import __version__
 from ktizo.api import BodyLimitMiddleware, build_router, install_error_handlers
+from ktizo.api.boot_doors import BootDoors
 from ktizo.api.docs import install_docs
 from ktizo.api.errors import ErrorOut
 from ktizo.api.metrics import install as install_metrics
@@ -171,6 +172,8 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
             "/ui/cluster/base": settings.max_upload_bytes,
         },
     )
+    # Just inside the client's address: the boot storm's config downloads, answered beneath FastAPI's routing.
+    app.add_middleware(BootDoors, services=services, metrics=getattr(app.state, "metrics", None))
     app.add_middleware(ClientAddressMiddleware, trusted=parse_networks(settings.trusted_proxies))
 
     mount_web(app)

@@ -17,13 +17,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, Select, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import QueuePool
 
 from ktizo.db.constraints import conflict_for
+from ktizo.db.fastread import FastQuery
 from ktizo.db.writer import GroupCommitWriter, Work
 
 log = logging.getLogger(__name__)
@@ -218,6 +219,7 @@ class Database:
         self._read = sessionmaker(self.read_engine, expire_on_commit=False, autoflush=False)
         self._write = sessionmaker(self.write_engine, expire_on_commit=False, autoflush=False)
         self._writer = GroupCommitWriter(self._write)
+        self._fast_queries: list[FastQuery] = []
 
     @contextmanager
     def read(self) -> Iterator[Session]:
@@ -249,6 +251,14 @@ class Database:
                 yield session
         except IntegrityError as exc:
             raise conflict_for(exc) from None
+
+    def fast_query(self, stmt: Select[Any]) -> FastQuery | None:
+        """``stmt`` prepared for the boot path's raw lookups; None where the database is not a SQLite file."""
+        if self.path is None:
+            return None
+        query = FastQuery(self.read_engine, str(self.path), stmt)
+        self._fast_queries.append(query)
+        return query
 
     def submit(self, work: Work) -> Future[object]:
         """Run ``work(session)`` in a shared write transaction (group commit); the future says how it went."""
@@ -284,6 +294,8 @@ class Database:
 
     def dispose(self) -> None:
         self._writer.close()
+        for query in self._fast_queries:
+            query.close()
         self.read_engine.dispose()
         if self.write_engine is not self.read_engine:
             self.write_engine.dispose()

@@ -16,6 +16,7 @@ from sqlalchemy import Row, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from ktizo.db import Database
+from ktizo.db.fastread import FastRow
 from ktizo.db.models import ConfigState, Device
 from ktizo.db.types import utcnow
 from ktizo.domain.devices import IDENTITY_REFUSED, DeviceStatus, Source, not_approved_message
@@ -23,6 +24,7 @@ from ktizo.domain.errors import KtizoError, PermissionDenied
 from ktizo.domain.identity import identifying_uuid
 from ktizo.services import audit, refusals
 from ktizo.services.context import Actor
+from ktizo.services.download_log import Download, write_downloads
 from ktizo.services.first_contact import FACTORS, FirstContact, Knock
 from ktizo.services.render import RenderableDevice, RenderCache, Renderer
 
@@ -79,6 +81,7 @@ class Answer:
     error: KtizoError | None = None
     followup: Work | None = None  # written before answering
     delivered: Work | None = None  # written once the body was handed to an open connection
+    download: Download | None = None  # the same record, for the batched log (when nothing else is owed)
     device_id: int | None = None  # None only for a machine seen for the first time
     status: DeviceStatus | None = None
 
@@ -118,7 +121,7 @@ _BOOT_COLUMNS = (
 )
 _BY_MAC = select(*_BOOT_COLUMNS).where(Device.mac_address == bindparam("mac"))
 _BY_UUID = select(*_BOOT_COLUMNS).where(Device.uuid == bindparam("uuid"), Device.mac_address.is_(None))
-BootDevice = Row[Any]  # the columns above, by attribute
+BootDevice = Row[Any] | FastRow  # the columns above, by attribute
 
 
 class BootService:
@@ -136,6 +139,7 @@ class BootService:
         self.first_contact = first_contact
         self.require_lease_ip = require_lease_ip
         self.access_check = access_check
+        self._by_mac, self._by_uuid = db.fast_query(_BY_MAC), db.fast_query(_BY_UUID)
 
     @property
     def cache(self) -> RenderCache:
@@ -185,8 +189,17 @@ class BootService:
             except PermissionDenied as exc:
                 return Answer(error=exc, device_id=device.id, status=status)
         body = self.render(device, device.config_revision)
-        delivered = partial(self._record_download, knock, device, len(body))
-        return Answer(body=body, delivered=delivered, device_id=device.id, status=status)
+        if self._binds(device, knock):  # a factor reported for the first time: first contact's full write
+            delivered = partial(self._record_download, knock, device, len(body))
+            return Answer(body=body, delivered=delivered, device_id=device.id, status=status)
+        download = Download.of(device, knock.source_ip, len(body))
+        return Answer(
+            body=body,
+            delivered=partial(write_downloads, [download]),
+            download=download,
+            device_id=device.id,
+            status=status,
+        )
 
     def render(self, device: RenderableDevice, config_revision: int | None = None) -> bytes:
         return self.renderer.render(device, self.renderer.source.snapshot(config_revision))
@@ -194,6 +207,12 @@ class BootService:
     # -- internals -------------------------------------------------------------------------------------
 
     def _find(self, claim: Claim) -> BootDevice | None:
+        if self._by_mac is not None and self._by_uuid is not None:
+            if claim.mac:
+                fast = self._by_mac.first(mac=claim.mac)
+                if fast is not None or claim.identifying_uuid is None:
+                    return fast
+            return self._by_uuid.first(uuid=claim.identifying_uuid)
         with self.db.read_engine.connect() as conn:
             if claim.mac:
                 row = conn.execute(_BY_MAC, {"mac": claim.mac}).first()
@@ -202,10 +221,14 @@ class BootService:
             # Known only by UUID (pre-registered that way, or Talos's legacy ?uuid= form).
             return conn.execute(_BY_UUID, {"uuid": claim.identifying_uuid}).first()
 
+    @staticmethod
+    def _binds(device: BootDevice, knock: Knock) -> bool:
+        return device.mac_address is None or any(knock.claimed(f) and not getattr(device, f) for f in FACTORS)
+
     def _owes_write(self, device: BootDevice, knock: Knock) -> bool:
         """Whether a polling machine's knock changes anything: a boot storm of pending machines must not be a
         storm of writes."""
-        if any(knock.claimed(f) and not getattr(device, f) for f in FACTORS) or device.mac_address is None:
+        if self._binds(device, knock):
             return True
         last = device.last_seen
         if last is None or (utcnow() - last).total_seconds() >= self.first_contact.touch_interval:

@@ -13,24 +13,24 @@ use cases (update, approve, reject), one by one, with every rule those enforce."
 from __future__ import annotations
 
 import datetime as dt
-import json
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import yaml
-from sqlalchemy import Table, delete, insert, select, text
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from ktizo.db import Database
-from ktizo.db.models import AppliedObject, AuditEvent, Device, DeviceGroup, Enrollment, Event, Site
+from ktizo.db.batch import insert_many, table_of
+from ktizo.db.models import AppliedObject, Device, DeviceGroup, Enrollment, Site
 from ktizo.db.types import utcnow
 from ktizo.domain.devices import DeviceStatus, MachineKind, Role, Source
 from ktizo.domain.errors import KtizoError, PermissionDenied, ValidationFailed
 from ktizo.domain.identity import normalize_machine_id
 from ktizo.domain.users import UserRole
-from ktizo.services import audit, events, metrics
+from ktizo.services import audit
 from ktizo.services.context import Actor
 from ktizo.services.devices import DeviceChanges, DeviceService, validate_changes
 from ktizo.services.groups import GroupService
@@ -438,7 +438,7 @@ class Declarative:
         managed = set(s.scalars(select(AppliedObject.name).where(AppliedObject.kind == "Device")))
         fresh = [r for r in rows if r["name"] not in managed]
         for start in range(0, len(fresh), BATCH):
-            _insert_many(s, _table(AppliedObject), fresh[start : start + BATCH])
+            insert_many(s, table_of(AppliedObject), fresh[start : start + BATCH])
 
     def _device_values(self, actor: Actor, doc: Document) -> dict[str, Any]:
         spec = doc.spec
@@ -575,9 +575,9 @@ class Declarative:
                     "revision": 1,
                 }
             )
-        table = _table(Device)  # Core, not the ORM: an agent's role stays NULL (the ORM would default it)
+        table = table_of(Device)  # Core, not the ORM: an agent's role stays NULL (the ORM would default it)
         # The rows in one batched INSERT, then their new ids in one query.
-        made = _insert_many(s, table, rows, returning=("id", "mac_address", "machine_id", "uuid"))
+        made = insert_many(s, table, rows, returning=("id", "mac_address", "machine_id", "uuid"))
         ids = {r.mac_address or r.machine_id or r.uuid: r.id for r in made}
         trail: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
         for row in rows:
@@ -650,97 +650,8 @@ class Declarative:
 
 
 def record_many(s: Session, actor: Actor, entries: list[tuple[str, dict[str, Any], dict[str, Any]]]) -> None:
-    """Audit rows and events for a batch of machines in two statements (``audit.record`` for thousands)."""
-    if not entries:
-        return
-    now = utcnow()
-    who = {"name": actor.name, "kind": actor.kind, "source_ip": actor.source_ip}
-    audits, outbox = [], []
-    for action, row, details in entries:
-        audits.append(
-            {
-                "at": now,
-                "actor": actor.name,
-                "actor_type": actor.kind,
-                "action": action,
-                "device_id": row["id"],
-                "device_mac": row.get("mac_address"),
-                "source_ip": actor.source_ip,
-                "details": details,
-            }
-        )
-        name = events.event_for(action, details)
-        if name is not None:
-            machine = {k: row.get(k) for k in events.MACHINE_FIELDS}
-            outbox.append(
-                {
-                    "at": now,
-                    "event": name,
-                    "action": action,
-                    "device_id": row["id"],
-                    "actor": actor.name,
-                    "actor_type": actor.kind,
-                    "payload": {"machine": machine, "actor": who, "details": details},
-                    "webhooks_pending": True,
-                    "gitops_pending": name in events.GITOPS_EVENTS,
-                }
-            )
-    for action, _row, details in entries:
-        metrics.audited(s, action, actor.kind, details)  # what audit.record counts, counted here too
-    for start in range(0, len(audits), BATCH):
-        _insert_many(s, _table(AuditEvent), audits[start : start + BATCH])
-    for start in range(0, len(outbox), BATCH):
-        _insert_many(s, _table(Event), outbox[start : start + BATCH])
-
-
-def _insert_many(
-    s: Session, table: Table, rows: list[dict[str, Any]], *, returning: Sequence[str] = ()
-) -> Sequence[Any]:
-    """Rows in one statement per batch (every row has the same keys); with ``returning``, those columns of the new
-    rows (in no particular order)."""
-    if not rows:
-        return []
-    if s.get_bind().dialect.name == "postgresql":
-        # One parameter, the batch as a JSON array, expanded by the server: psycopg would otherwise parse a
-        # statement of tens of thousands of placeholders in Python for every batch.
-        columns = ", ".join(f'"{name}"' for name in rows[0])
-        back = f" RETURNING {', '.join(returning)}" if returning else ""
-        done = s.execute(
-            text(
-                f'INSERT INTO "{table.name}" ({columns}) SELECT {columns} '  # noqa: S608 - names from the table
-                f'FROM json_populate_recordset(NULL::"{table.name}", CAST(:rows AS json)){back}'
-            ),
-            {"rows": json.dumps(rows, default=_json_value)},
-        )
-        return done.all() if returning else []
-    s.execute(insert(table), rows)  # sqlite3's executemany: one prepared statement for the batch
-    if not returning:
-        return []
-    # SQLite cannot return the rows of an executemany: look them up by their keys (indexed, so one query).
-    found: list[Any] = []
-    for key in ("mac_address", "machine_id", "uuid"):
-        keys = [r[key] for r in rows if _identity(r) == key]
-        if keys:
-            stmt = select(*(table.c[c] for c in returning)).where(table.c[key].in_(keys))
-            if key == "uuid":
-                stmt = stmt.where(table.c.mac_address.is_(None))
-            found.extend(s.execute(stmt).all())
-    return found
-
-
-def _identity(row: dict[str, Any]) -> str:
-    return "mac_address" if row.get("mac_address") else "machine_id" if row.get("machine_id") else "uuid"
-
-
-def _json_value(value: Any) -> Any:
-    if isinstance(value, dt.datetime):
-        return value.isoformat()
-    raise TypeError(f"{type(value).__name__} is not JSON")
-
-
-def _table(model: Any) -> Table:
-    """A model's Core table: batches of thousands of rows go through Core's executemany, not the ORM's unit of work."""
-    return cast(Table, model.__table__)
+    """Audit rows and events for a batch of machines by one actor."""
+    audit.record_batch(s, [audit.Entry(actor, action, row, details) for action, row, details in entries])
 
 
 def _object_key(kind: str, doc: Document) -> str:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from ktizo.db import Database
 from ktizo.services.boot import Answer, BootService, Claim, Work
+from ktizo.services.download_log import DownloadLog
 from ktizo.services.watch import ApprovalWatcher
 
 
@@ -47,6 +48,7 @@ class ConfigDownload:
         self._by_address: Counter[str] = Counter()
         self._by_device: dict[int, _Held] = {}
         self._held = 0
+        self.log = DownloadLog(db)
         self.refused_holds = 0  # requests answered at once because a cap was reached (for operators and tests)
 
     @property
@@ -89,7 +91,10 @@ class ConfigDownload:
         await asyncio.sleep(0)  # a hang-up the server has seen by now is relayed to ``gone`` first
         if gone is not None and gone.is_set():
             return
-        await self._write(answer.delivered)
+        if answer.download is not None:
+            await self.log.record(answer.download)
+        else:
+            await self._write(answer.delivered)
 
     # -- internals -------------------------------------------------------------------------------------
 

@@ -1,0 +1,62 @@
+"""Rows by the thousand: one statement per batch through Core, not the ORM's unit of work (declarative apply, the
+boot path's download records)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Sequence
+from typing import Any, cast
+
+from sqlalchemy import Table, insert, select, text
+from sqlalchemy.orm import Session
+
+
+def insert_many(
+    s: Session, table: Table, rows: list[dict[str, Any]], *, returning: Sequence[str] = ()
+) -> Sequence[Any]:
+    """Rows in one statement per batch (every row has the same keys); with ``returning``, those columns of the new
+    rows (in no particular order)."""
+    if not rows:
+        return []
+    if s.get_bind().dialect.name == "postgresql":
+        # One parameter, the batch as a JSON array, expanded by the server: psycopg would otherwise parse a
+        # statement of tens of thousands of placeholders in Python for every batch.
+        columns = ", ".join(f'"{name}"' for name in rows[0])
+        back = f" RETURNING {', '.join(returning)}" if returning else ""
+        done = s.execute(
+            text(
+                f'INSERT INTO "{table.name}" ({columns}) SELECT {columns} '  # noqa: S608 - names from the table
+                f'FROM json_populate_recordset(NULL::"{table.name}", CAST(:rows AS json)){back}'
+            ),
+            {"rows": json.dumps(rows, default=_json_value)},
+        )
+        return done.all() if returning else []
+    s.execute(insert(table), rows)  # sqlite3's executemany: one prepared statement for the batch
+    if not returning:
+        return []
+    # SQLite cannot return the rows of an executemany: look them up by their keys (indexed, so one query).
+    found: list[Any] = []
+    for key in ("mac_address", "machine_id", "uuid"):
+        keys = [r[key] for r in rows if _identity(r) == key]
+        if keys:
+            stmt = select(*(table.c[c] for c in returning)).where(table.c[key].in_(keys))
+            if key == "uuid":
+                stmt = stmt.where(table.c.mac_address.is_(None))
+            found.extend(s.execute(stmt).all())
+    return found
+
+
+def _identity(row: dict[str, Any]) -> str:
+    return "mac_address" if row.get("mac_address") else "machine_id" if row.get("machine_id") else "uuid"
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, dt.datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def table_of(model: Any) -> Table:
+    """A model's Core table: batches of thousands of rows go through Core's executemany, not the ORM's unit of work."""
+    return cast(Table, model.__table__)
