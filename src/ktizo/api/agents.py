@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import urllib.parse
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Path, Query, Request, Response
@@ -137,23 +138,39 @@ def endpoint(request: Request) -> Endpoint:
     return Endpoint(mtls_url=mtls_url, manager_addresses=addresses)
 
 
+PEM_BEGIN, PEM_END = "-----BEGIN CERTIFICATE-----", "-----END CERTIFICATE-----"
+
+
 def client_certificate(request: Request) -> bytes | None:
     """The client's certificate (DER): from Ktizo's own TLS listener, or from a trusted proxy's ``Client-Cert``
-    header (RFC 9440, ``:base64:``; ClientAddressMiddleware drops the header from anyone else)."""
+    header (ClientAddressMiddleware drops the header from anyone else). The header is RFC 9440's byte sequence,
+    ``:base64 DER:``, or one URL-encoded PEM certificate: nginx has no variable for RFC 9440's form, and its
+    ``$ssl_client_escaped_cert`` is that (deploy/nginx/ktizo.conf)."""
     tls = request.scope.get("extensions", {}).get("tls") or {}
     der = tls.get("client_cert_der")
     if der:
         return bytes(der)
     header = request.headers.get("client-cert")
-    if header:
-        text = header.strip()
-        if not (len(text) > 2 and text[0] == ":" and text[-1] == ":"):
-            raise PermissionDenied("Client-Cert must be an RFC 9440 byte sequence (:base64 DER:)")
-        try:
-            return base64.b64decode(text[1:-1], validate=True)
-        except (binascii.Error, ValueError):
-            raise PermissionDenied("Client-Cert is not base64") from None
-    return None
+    if not header:
+        return None
+    text = header.strip()
+    if len(text) > 2 and text[0] == ":" and text[-1] == ":":
+        encoded = text[1:-1]
+    elif text.startswith("-----BEGIN"):
+        before, _, rest = urllib.parse.unquote(text).partition(PEM_BEGIN)
+        encoded, end, after = rest.partition(PEM_END)
+        if before or not end or after.strip():
+            raise PermissionDenied("Client-Cert must hold one URL-encoded PEM certificate")
+        encoded = "".join(encoded.split())
+    else:
+        raise PermissionDenied(
+            "Client-Cert must be an RFC 9440 byte sequence (:base64 DER:) or a URL-encoded PEM certificate "
+            "(nginx's $ssl_client_escaped_cert)"
+        )
+    try:
+        return base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise PermissionDenied("Client-Cert is not base64") from None
 
 
 def agent_api_key(request: Request) -> str | None:
