@@ -89,6 +89,17 @@ class Settings(BaseSettings):
     long_poll_per_address: int = Field(
         16, ge=0, description="Config requests held open at once from one client address; more are answered at once."
     )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Processes serving requests on one host, sharing the listening sockets (`ktizo serve --workers`).",
+    )
+    run_jobs: bool = Field(
+        True,
+        description="Run the background jobs (expiry, webhooks, GitOps, audit retention) in this process. With "
+        "--workers, only the first worker runs them; replicas may all run them (each job is claimed in the database).",
+    )
     max_connections: int = Field(
         0,
         ge=0,

@@ -134,11 +134,13 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        runner.start()
+        if settings.run_jobs:
+            runner.start()
         try:
             yield
         finally:
             await runner.stop()
+            services.watcher.close()
 
     app = FastAPI(
         lifespan=lifespan,

@@ -179,6 +179,13 @@ def mtls_config(settings: Settings, app: Any, files: TlsFiles, max_connections: 
     )
 
 
+def mtls_listener_files(settings: Settings, services: Services) -> TlsFiles:
+    """The mTLS listener's certificate, made afresh (workers share the one their supervisor made)."""
+    names = listener_names(settings.host, settings.public_url, settings.mtls_names)
+    log.info("mTLS listener on %s:%d for %s", settings.host, settings.mtls_port, ", ".join(names[:6]))
+    return services.authority.listener_files(settings.data_dir / "tls", names)
+
+
 class _Companion(uvicorn.Server):
     """A second server in the same loop: the main one owns the signals and tells this one to stop."""
 
@@ -188,22 +195,27 @@ class _Companion(uvicorn.Server):
 
 
 def serve(
-    settings: Settings, services: Services, max_connections: int, mtls_socket: socket.socket | None = None
+    settings: Settings,
+    services: Services,
+    max_connections: int,
+    mtls_socket: socket.socket | None = None,
+    main_socket: socket.socket | None = None,
+    tls_files: TlsFiles | None = None,
 ) -> None:
-    """Run until interrupted: the HTTP listener and, with ``mtls_socket``, Ktizo's mTLS listener beside it."""
+    """Run until interrupted: the HTTP listener (on ``main_socket`` if given, else on settings' host and port)
+    and, with ``mtls_socket``, Ktizo's mTLS listener beside it."""
     main = uvicorn.Server(server_config(settings, services, max_connections))
+    main_sockets = [main_socket] if main_socket is not None else None
     if mtls_socket is None:
-        main.run()
+        main.run(sockets=main_sockets)
         return
-    names = listener_names(settings.host, settings.public_url, settings.mtls_names)
-    files = services.authority.listener_files(settings.data_dir / "tls", names)
-    log.info("mTLS listener on %s:%d for %s", settings.host, settings.mtls_port, ", ".join(names[:6]))
+    files = tls_files or mtls_listener_files(settings, services)
     companion = _Companion(mtls_config(settings, main.config.app, files, max_connections))
 
     async def both() -> None:
         task = asyncio.create_task(companion.serve(sockets=[mtls_socket]))
         try:
-            await main.serve()
+            await main.serve(sockets=main_sockets)
         finally:
             companion.should_exit = True
             await task

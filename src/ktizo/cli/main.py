@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+import socket
 from pathlib import Path
 from typing import IO, Annotated, Any, cast
 
@@ -156,13 +157,22 @@ def serve(
         int | None,
         typer.Option(min=0, max=65535, help="Port of the mTLS listener for agents, on --host [default: 8443; 0: off]"),
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=64,
+            help="Worker processes on this host, sharing the ports (env KTIZO_WORKERS) [default: 1]",
+        ),
+    ] = None,
 ) -> None:
     """Run the Ktizo server.
 
     It upgrades the database first, and on first start creates the user `admin`."""
-    from ktizo.app.server import ListenerError, bind_mtls, connection_limit, raise_file_limit
+    from ktizo.app.server import ListenerError, bind_mtls, connection_limit, mtls_listener_files, raise_file_limit
     from ktizo.app.server import serve as run_server
     from ktizo.app.wiring import build_services
+    from ktizo.app.workers import BindError, Supervisor, worker_sockets
 
     st = state(ctx)
     updates: dict[str, object] = {}
@@ -174,15 +184,22 @@ def serve(
         updates["data_dir"] = data_dir.expanduser().resolve()
     if mtls_port is not None:
         updates["mtls_port"] = mtls_port
+    if workers is not None:
+        updates["workers"] = workers
     settings = st.settings = st.settings.model_copy(update=updates)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # a line per plugin at every start
     make_private_dir(settings.data_dir)
     settings.base_templates_dir.mkdir(parents=True, exist_ok=True)
 
+    mtls_socket = None
+    pool: tuple[list[socket.socket], list[socket.socket] | None] | None = None
     try:
-        mtls_socket = bind_mtls(settings)
-    except ListenerError as exc:
+        if settings.workers > 1:
+            pool = worker_sockets(settings)
+        else:
+            mtls_socket = bind_mtls(settings)
+    except (ListenerError, BindError) as exc:
         fail(str(exc), 2)
     max_connections = connection_limit(settings, raise_file_limit())
     services = build_services(settings, max_connections=max_connections)
@@ -217,12 +234,20 @@ def serve(
         typer.echo(f"Talos machines: talos.config={local}{download}")
     typer.echo(f"Web UI: {local}/ui")
     typer.echo(f"API docs: {local}/docs")
-    if mtls_socket is not None:
+    if mtls_socket is not None or (pool is not None and pool[1]):
         typer.echo(
             f"Agents: mTLS on {settings.host}:{settings.mtls_port}; CA fingerprint {services.authority.fingerprint()}"
         )
-    typer.echo(f"Serving at most {max_connections} connections at once; more get 503.")
-    run_server(settings, services, max_connections, mtls_socket)
+    if pool is None:
+        typer.echo(f"Serving at most {max_connections} connections at once; more get 503.")
+        run_server(settings, services, max_connections, mtls_socket)
+        return
+    typer.echo(
+        f"Serving with {settings.workers} workers, each at most {max_connections} connections at once; more get 503."
+    )
+    tls_files = mtls_listener_files(settings, services) if pool[1] else None
+    services.db.dispose()  # the workers open their own connections; the supervisor holds none
+    raise typer.Exit(Supervisor(settings, max_connections, *pool, tls_files=tls_files).run())
 
 
 @db_app.command("upgrade")

@@ -100,9 +100,10 @@ class Device(Base):
     last_seen: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     last_ip: Mapped[str | None] = mapped_column(String(45))
     first_ip: Mapped[str | None] = mapped_column(String(45))  # never changes: the new-machine budget counts it
-    approved_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    # Indexed: every worker's ApprovalWatcher asks several times a second what was decided since its last look.
+    approved_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, index=True)
     approved_by: Mapped[str | None] = mapped_column(String(64))
-    rejected_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    rejected_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime, index=True)
     rejected_by: Mapped[str | None] = mapped_column(String(64))
     last_config_download: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     labels: Mapped[dict[str, str]] = mapped_column(JSON, default=dict, server_default="{}")

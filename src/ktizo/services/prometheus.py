@@ -3,14 +3,15 @@ the same truth) and what happened in this process (counters fed by the audit log
 which imports no prometheus_client so that the CLI starts fast; request latency by route template).
 
 Each app owns a ``Metrics`` with a private registry (tests build many apps in one process); ``metrics.install``
-makes it the one the audit hook feeds for its database. Counters are per process: with several workers or
-replicas, Prometheus sums them (``sum by (…)``). Label values are bounded sets (actor kinds, results, route
-templates), never a MAC, a hostname or a token."""
+makes it the one the audit hook feeds for its database. Counters are per process, but the workers of one
+``ktizo serve --workers N`` report their sum (``render``); across replicas Prometheus sums them (``sum by (…)``).
+Label values are bounded sets (actor kinds, results, route templates), never a MAC, a hostname or a token."""
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -93,8 +95,16 @@ class Metrics:
         r.register(self.state)
 
     def render(self) -> bytes:
-        """The Prometheus text format."""
-        return generate_latest(self.registry)
+        """The Prometheus text format. Under ``ktizo serve --workers N`` (prometheus_client's multiprocess mode,
+        ``PROMETHEUS_MULTIPROC_DIR``), the counters and histograms of every worker, added up: a scrape reaches one
+        worker, and must not show only that one's share."""
+        shared = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if not shared:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=shared)  # type: ignore[no-untyped-call]
+        registry.register(self.state)
+        return generate_latest(registry)
 
     def observe(self, action: str, actor_kind: str, details: dict[str, Any]) -> None:
         """Count one committed audit row."""
