@@ -198,3 +198,12 @@ def cli(settings: Settings, services: Services):  # type: ignore[no-untyped-def]
         return result
 
     return run
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("postgres_only") and not PG_URL:
+        pytest.fail(
+            "this test needs PostgreSQL: run it with KTIZO_TEST_DATABASE_URL=postgresql+psycopg://postgres@"
+            "127.0.0.1:5432/test (scripts/test does, in its PostgreSQL pass)",
+            pytrace=False,
+        )
