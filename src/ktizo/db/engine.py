@@ -25,7 +25,7 @@ from sqlalchemy.pool import QueuePool
 
 from ktizo.db.constraints import conflict_for
 from ktizo.db.fastread import FastQuery
-from ktizo.db.writer import GroupCommitWriter, Work
+from ktizo.db.writer import GroupCommitWriter, Work, defer
 
 log = logging.getLogger(__name__)
 
@@ -143,13 +143,13 @@ def keep_on_refusal() -> None:
 
 
 def after_commit(callback: Callable[[], None]) -> None:
-    """Run ``callback`` once the current transaction has committed (at once outside one): waking a held request
-    before the approval is committed would let it read the old state."""
+    """Run ``callback`` once the current transaction (or group commit's) has committed, at once outside one:
+    waking a held request before the approval is committed would let it read the old state."""
     tx = current_transaction()
-    if tx is None:
-        callback()
-    else:
+    if tx is not None:
         tx.after_commit(callback)
+    elif not defer(callback):  # in group commit: after the writer's commit
+        callback()
 
 
 def _sqlite_engine(url: str, *, immediate: bool, pool_size: int) -> Engine:

@@ -6,11 +6,13 @@ for its own outcome. On SQLite, which has one writer anyway, this turns hundreds
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -18,6 +20,41 @@ log = logging.getLogger(__name__)
 
 Work = Callable[[Session], object]  # what it returns is the future's result
 _STOP = object()
+Callback = Callable[[], None]
+_deferred: contextvars.ContextVar[list[Callback] | None] = contextvars.ContextVar("ktizo_deferred", default=None)
+
+
+@contextmanager
+def deferred_callbacks() -> Iterator[list[Callback]]:
+    """``engine.after_commit`` callbacks registered in the block are kept in the yielded list, for the caller to
+    run once its commit succeeded; if the block raises (its savepoint rolled back) they are dropped. Group commit
+    has no edge transaction to wait for, and a count or a wake-up for a rolled-back write would be a lie."""
+    mine: list[Callback] = []
+    token = _deferred.set(mine)
+    try:
+        yield mine
+    except BaseException:
+        mine.clear()
+        raise
+    finally:
+        _deferred.reset(token)
+
+
+def defer(callback: Callback) -> bool:
+    """Keep ``callback`` for the enclosing ``deferred_callbacks``; False when there is none."""
+    pending = _deferred.get()
+    if pending is None:
+        return False
+    pending.append(callback)
+    return True
+
+
+def _run_callbacks(callbacks: list[Callback]) -> None:
+    for callback in callbacks:
+        try:
+            callback()
+        except Exception:  # a callback's failure must not fail writes that are committed
+            log.exception("after-commit callback failed")
 
 
 class GroupCommitWriter:
@@ -70,21 +107,25 @@ class GroupCommitWriter:
 
     def _commit(self, batch: list[tuple[Work, Future[object]]]) -> None:
         outcomes: list[tuple[Future[object], BaseException | None, object]] = []
+        committed: list[Callback] = []
         try:
             with self._sessions() as session, session.begin():
                 for work, future in batch:
                     try:
-                        with session.begin_nested():  # a failing item rolls back alone, not the batch
+                        # A failing item rolls back alone, not the batch, and its callbacks with it.
+                        with deferred_callbacks() as callbacks, session.begin_nested():
                             result = work(session)
                     except Exception as exc:
                         outcomes.append((future, exc, None))
                     else:
                         outcomes.append((future, None, result))
+                        committed.extend(callbacks)
         except Exception:
             log.warning("group commit of %d writes failed; retrying them one by one", len(batch), exc_info=True)
             for work, future in batch:
                 self._run_alone(work, future)
             return
+        _run_callbacks(committed)
         for future, error, result in outcomes:
             if error is None:
                 future.set_result(result)
@@ -93,9 +134,10 @@ class GroupCommitWriter:
 
     def _run_alone(self, work: Work, future: Future[object]) -> None:
         try:
-            with self._sessions() as session, session.begin():
+            with deferred_callbacks() as callbacks, self._sessions() as session, session.begin():
                 result = work(session)
         except Exception as exc:
             future.set_exception(exc)
         else:
+            _run_callbacks(callbacks)
             future.set_result(result)

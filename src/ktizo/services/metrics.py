@@ -41,7 +41,7 @@ def install(metrics: Sink) -> None:
 
 def audited(session: Session, action: str, actor_kind: str, details: dict[str, Any]) -> None:
     """Called by ``audit.record`` for every audit row: counts it once its transaction has committed (a rolled-back
-    approval was never an approval). The boot path's group commit has no such transaction: it counts as it writes."""
+    approval was never an approval), or once the group commit holding it has (``db.writer.deferred_callbacks``)."""
     if action not in WATCHED or not _installed:
         return
     metrics = _installed.get(id(session.get_bind()))
