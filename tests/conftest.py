@@ -166,12 +166,11 @@ def make_client(tmp_path: Path, database_url: str) -> Iterator[Callable[..., tup
     made: list[tuple[TestClient, Services]] = []
 
     def make(**overrides: object) -> tuple[TestClient, Services]:
+        defaults: dict[str, object] = {"last_seen_interval": 0, "long_poll_seconds": 0}
         settings = Settings(
             data_dir=tmp_path / "data",
             database_url=database_url,
-            last_seen_interval=0,
-            long_poll_seconds=0,
-            **overrides,  # type: ignore[arg-type]
+            **(defaults | overrides),  # type: ignore[arg-type]
         )
         services = build_services(settings)
         client = TestClient(create_app(settings, services), client=("10.0.0.9", 40000))

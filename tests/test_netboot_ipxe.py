@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import pytest
@@ -15,6 +16,8 @@ from typer.testing import CliRunner
 
 from ktizo.cli import app as cli_app
 from ktizo.domain.errors import ValidationFailed
+from ktizo.services.context import Actor
+from ktizo.services.devices import DeviceChanges
 from ktizo.services.ipxe import BootFacts
 from ktizo.services.registry import Services
 from ktizo.settings import Settings
@@ -469,3 +472,44 @@ def test_placeholders_ipxe_could_not_expand_are_not_facts(client: TestClient, op
     assert script == expected_boot_script("v1.13.0", "amd64", "pending")
     dev = the_device(client, ops)
     assert (dev["uuid"], dev["serial"], dev["facts"]) == (None, None, {})
+
+
+def test_a_machine_booting_again_with_nothing_new_is_answered_from_one_read(
+    make_client: Callable[..., tuple[TestClient, Services]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A boot storm's machines retry their iPXE script: a knock that changes nothing (same facts, same address,
+    seen within KTIZO_LAST_SEEN_INTERVAL) writes nothing, yet its script always follows the machine's state."""
+    client, services = make_client(last_seen_interval=3600)
+    assert ipxe(client, **IPXE_QUERY) == expected_boot_script("v1.13.0", "amd64", "pending")  # registered
+    writes: list[str] = []
+    arrive = services.first_contact.arrive
+
+    def counted(s: Any, knock: Any, **kw: Any) -> Any:
+        writes.append(knock.mac)
+        return arrive(s, knock, **kw)
+
+    monkeypatch.setattr(services.first_contact, "arrive", counted)
+    before = services.devices.resolve(MAC)
+    pending = expected_boot_script("v1.13.0", "amd64", "pending")
+    assert ipxe(client, **IPXE_QUERY) == pending
+    assert writes == [] and services.devices.resolve(MAC).last_seen == before.last_seen
+
+    newer = {**IPXE_QUERY, "product": "PowerEdge R660"}  # a fact that changed: first contact records it
+    assert ipxe(client, **newer) == pending
+    assert writes == [MAC] and services.devices.resolve(MAC).facts["product"] == "PowerEdge R660"
+    assert ipxe(client, **newer) == pending and writes == [MAC]
+
+    services.devices.approve(Actor.system(), before.id, DeviceChanges(hostname="node-07"))
+    approved = expected_boot_script("v1.13.0", "amd64", "approved")
+    assert ipxe(client, **newer) == approved and writes == [MAC]
+    # An approved machine's facts are nobody's to change by naming its MAC: nothing to write, so nothing written.
+    assert ipxe(client, **IPXE_QUERY) == approved and writes == [MAC]
+    assert services.devices.resolve(MAC).facts["product"] == "PowerEdge R660"
+
+    # A UUID that is not the bound one goes through first contact, which records the mismatch.
+    ipxe(client, **{**newer, "uuid": "4c4c4544-0042-3510-8051-b4c04f4e3199"})
+    assert writes == [MAC, MAC] and services.devices.resolve(MAC).uuid == UUID
+
+    services.devices.reject(Actor.system(), before.id)
+    assert "rejected by an operator" in ipxe(client, **newer)
+    assert writes == [MAC, MAC]

@@ -38,7 +38,7 @@ def boot_ipxe(request: Request, services: ServicesDep) -> PlainTextResponse:
 
 
 @router.get("/api/v1/boot/ipxe", response_class=PlainTextResponse, responses=_IPXE_200)
-def machine_ipxe(request: Request, services: ServicesDep) -> PlainTextResponse:
+async def machine_ipxe(request: Request, services: ServicesDep) -> PlainTextResponse:
     """The per-machine script: boot Talos (unknown, pending, approved and not installed), or leave the network
     boot (rejected: next boot device; installed: local disk). Facts iPXE reports are stored on the device."""
     query = {k: v[:256] for k, v in request.query_params.items()}
@@ -50,7 +50,12 @@ def machine_ipxe(request: Request, services: ServicesDep) -> PlainTextResponse:
         return PlainTextResponse(
             f"#!ipxe\necho Ktizo could not read this machine's {what}; booting the next device.\nsleep 10\nexit 1\n"
         )
-    return PlainTextResponse(services.ipxe.machine_script(facts, base_url(request), client_ip(request)))
+    base, ip = base_url(request), client_ip(request)
+    # A machine knocking again with nothing new is answered from one read, on the loop where reads never block.
+    script = services.ipxe.quiet_script(facts, base, ip) if services.db.nonblocking_reads else None
+    if script is None:
+        script = await run_in_threadpool(services.ipxe.machine_script, facts, base, ip)
+    return PlainTextResponse(script)
 
 
 class DhcpEvent(BaseModel):

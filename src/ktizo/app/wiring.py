@@ -120,6 +120,7 @@ def build_services(settings: Settings, db: Database | None = None, *, max_connec
             assets_dir=settings.assets_dir,
             oauth_enabled=settings.oauth_enabled,
             oauth_client_id=settings.oauth_client_id,
+            boot=boot,
         ),
         dhcp=DhcpService(db, first_contact, discovery_subnets=settings.discovery_subnets),
         device_flow=device_flow,

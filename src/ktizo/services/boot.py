@@ -116,6 +116,7 @@ _BOOT_COLUMNS = (
     Device.install_disk,
     Device.extra_nics,
     Device.lease_ip,
+    Device.installed_at,
     # The configuration revision rides along, so noticing a change made by another replica costs nothing.
     select(ConfigState.revision).where(ConfigState.id == 1).scalar_subquery().label("config_revision"),
 )
@@ -206,7 +207,18 @@ class BootService:
 
     # -- internals -------------------------------------------------------------------------------------
 
-    def _find(self, claim: Claim) -> BootDevice | None:
+    def quiet(self, knock: Knock) -> BootDevice | None:
+        """The machine ``knock`` names, when its knock changes nothing (known, nothing to bind or refuse, seen
+        lately from this address with these facts), so that the door may answer from this one read; else None,
+        and the door goes through first contact's write."""
+        device = self._find(knock)
+        if device is None:
+            return None
+        if any(getattr(device, f) and knock.claimed(f) and getattr(device, f) != knock.claimed(f) for f in FACTORS):
+            return None
+        return None if self._owes_write(device, knock) else device
+
+    def _find(self, claim: Claim | Knock) -> BootDevice | None:
         if self._by_mac is not None and self._by_uuid is not None:
             if claim.mac:
                 fast = self._by_mac.first(mac=claim.mac)
@@ -235,7 +247,9 @@ class BootService:
             return True
         if device.last_ip != knock.source_ip:
             return True
-        return any(device.facts.get(k) != v for k, v in knock.facts.items())
+        # An approved machine's facts are not the caller's to change (first_contact._touch): no write to owe.
+        facts = device.facts or {}
+        return device.status != DeviceStatus.APPROVED.value and any(facts.get(k) != v for k, v in knock.facts.items())
 
     @staticmethod
     def _missing_factor(device: BootDevice, knock: Knock) -> str | None:

@@ -14,6 +14,7 @@ from ktizo.db import Database
 from ktizo.domain.devices import DeviceStatus, Source
 from ktizo.domain.errors import TooManyAttempts, ValidationFailed
 from ktizo.domain.identity import is_placeholder, normalize_ip, normalize_mac, normalize_serial, normalize_uuid
+from ktizo.services.boot import BootService
 from ktizo.services.first_contact import FirstContact, Knock
 from ktizo.services.render import ConfigSource
 
@@ -98,6 +99,7 @@ class IpxeService:
         assets_dir: Path,
         oauth_enabled: bool = False,
         oauth_client_id: str = "ktizo",
+        boot: BootService | None = None,
     ) -> None:
         self.db = db
         self.first_contact = first_contact
@@ -105,6 +107,8 @@ class IpxeService:
         self.assets_dir = assets_dir
         self.oauth_enabled = oauth_enabled
         self.oauth_client_id = oauth_client_id
+        self.boot = boot
+        self._releases: tuple[tuple[str, int], str] | None = None
 
     @staticmethod
     def entry_script(base_url: str) -> str:
@@ -129,17 +133,39 @@ class IpxeService:
         machine's config is rendered for is what it boots."""
         minor = str(self.source.snapshot().talos_version)
         root = self.assets_dir / "talos"
+        try:
+            key = (minor, root.stat().st_mtime_ns)  # a release imported or removed changes the directory
+        except FileNotFoundError:
+            return f"{minor}.0"
+        cached = self._releases
+        if cached is not None and cached[0] == key:
+            return cached[1]
         candidates = []
-        if root.is_dir():
-            for entry in root.iterdir():
-                m = re.fullmatch(r"v(\d+)\.(\d+)\.(\d+)", entry.name)
-                if m and entry.name.startswith(minor + "."):
-                    candidates.append((int(m.group(3)), entry.name))
-        return max(candidates)[1] if candidates else f"{minor}.0"
+        for entry in root.iterdir():
+            m = re.fullmatch(r"v(\d+)\.(\d+)\.(\d+)", entry.name)
+            if m and entry.name.startswith(minor + "."):
+                candidates.append((int(m.group(3)), entry.name))
+        release = max(candidates)[1] if candidates else f"{minor}.0"
+        self._releases = (key, release)
+        return release
 
     def machine_script(self, facts: BootFacts, base_url: str, source_ip: str | None) -> str:
         """The per-machine decision: boot Talos, or leave the network boot (rejected or installed)."""
+        quiet = self.quiet_script(facts, base_url, source_ip)
+        if quiet is not None:
+            return quiet
         status, installed = self._record_boot(facts, source_ip)
+        return self._script(status, installed, facts, base_url)
+
+    def quiet_script(self, facts: BootFacts, base_url: str, source_ip: str | None) -> str | None:
+        """``machine_script`` from one read, for a machine whose knock changes nothing (a boot storm's machines
+        retrying); None when the knock must go through first contact's write."""
+        device = self.boot.quiet(self._knock(facts, source_ip)) if self.boot is not None else None
+        if device is None:
+            return None
+        return self._script(DeviceStatus(device.status), device.installed_at is not None, facts, base_url)
+
+    def _script(self, status: DeviceStatus, installed: bool, facts: BootFacts, base_url: str) -> str:
         if status is DeviceStatus.REJECTED:
             return (
                 "#!ipxe\n"
@@ -182,8 +208,9 @@ class IpxeService:
             "reboot\n"
         )
 
-    def _record_boot(self, facts: BootFacts, source_ip: str | None) -> tuple[DeviceStatus, bool]:
-        knock = Knock(
+    @staticmethod
+    def _knock(facts: BootFacts, source_ip: str | None) -> Knock:
+        return Knock(
             door=Source.IPXE,
             mac=facts.mac,
             uuid=facts.uuid,
@@ -191,6 +218,9 @@ class IpxeService:
             source_ip=source_ip,
             facts=facts.as_facts(),
         )
+
+    def _record_boot(self, facts: BootFacts, source_ip: str | None) -> tuple[DeviceStatus, bool]:
+        knock = self._knock(facts, source_ip)
         try:
             with self.db.write() as s:
                 arrival = self.first_contact.arrive(s, knock)
