@@ -8,7 +8,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 from urllib.parse import quote
+
+from sqlalchemy.orm import Session
 
 from ktizo.db import Database
 from ktizo.domain.devices import DeviceStatus, Source
@@ -221,10 +224,15 @@ class IpxeService:
 
     def _record_boot(self, facts: BootFacts, source_ip: str | None) -> tuple[DeviceStatus, bool]:
         knock = self._knock(facts, source_ip)
+
+        def arrive(s: Session) -> tuple[DeviceStatus, bool]:
+            arrival = self.first_contact.arrive(s, knock)
+            return DeviceStatus(arrival.device.status), arrival.device.installed_at is not None
+
         try:
-            with self.db.write() as s:
-                arrival = self.first_contact.arrive(s, knock)
-                return DeviceStatus(arrival.device.status), arrival.device.installed_at is not None
+            # Through group commit: a storm's knocks share transactions instead of queueing for SQLite's one
+            # writer one by one. The script waits for the commit (a rule may approve the machine on arrival).
+            return cast(tuple[DeviceStatus, bool], self.db.submit(arrive).result())
         except TooManyAttempts:
             # Boot it all the same, unrecorded: Talos's config request registers it once this address is within
             # its budget again (Talos retries), and nothing secret is in an iPXE script.
