@@ -10,10 +10,12 @@ import contextvars
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger(__name__)
@@ -108,6 +110,7 @@ class GroupCommitWriter:
     def _commit(self, batch: list[tuple[Work, Future[object]]]) -> None:
         outcomes: list[tuple[Future[object], BaseException | None, object]] = []
         committed: list[Callback] = []
+        retry: list[tuple[Work, Future[object]]] = []
         try:
             with self._sessions() as session, session.begin():
                 for work, future in batch:
@@ -115,6 +118,10 @@ class GroupCommitWriter:
                         # A failing item rolls back alone, not the batch, and its callbacks with it.
                         with deferred_callbacks() as callbacks, session.begin_nested():
                             result = work(session)
+                    except OperationalError:
+                        # A deadlock with another process's batch (PostgreSQL aborts one of the two), a lock
+                        # timeout: nothing wrong with the work itself. Alone, after this batch released its locks.
+                        retry.append((work, future))
                     except Exception as exc:
                         outcomes.append((future, exc, None))
                     else:
@@ -131,13 +138,23 @@ class GroupCommitWriter:
                 future.set_result(result)
             else:
                 future.set_exception(error)
+        for work, future in retry:
+            log.info("a write of the group commit met a lock conflict; running it again on its own")
+            self._run_alone(work, future)
 
-    def _run_alone(self, work: Work, future: Future[object]) -> None:
-        try:
-            with deferred_callbacks() as callbacks, self._sessions() as session, session.begin():
-                result = work(session)
-        except Exception as exc:
-            future.set_exception(exc)
-        else:
-            _run_callbacks(callbacks)
-            future.set_result(result)
+    def _run_alone(self, work: Work, future: Future[object], attempts: int = 3) -> None:
+        for attempt in range(attempts):
+            try:
+                with deferred_callbacks() as callbacks, self._sessions() as session, session.begin():
+                    result = work(session)
+            except OperationalError as exc:
+                if attempt + 1 < attempts:
+                    time.sleep(0.01 * 2**attempt)  # another process's transaction holds what this one needs
+                    continue
+                future.set_exception(exc)
+            except Exception as exc:
+                future.set_exception(exc)
+            else:
+                _run_callbacks(callbacks)
+                future.set_result(result)
+            return

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -246,6 +246,18 @@ class FirstContact:
 def insert_ignoring_conflict(s: Session, model: type[Any], values: dict[str, Any], *, returning: Any) -> Any:
     """INSERT … ON CONFLICT DO NOTHING: concurrent first contacts of one machine (or first uses of one CA) make
     exactly one row. Returns the ``returning`` column of the new row, or None when another transaction made it."""
-    insert = postgresql.insert if s.get_bind().dialect.name == "postgresql" else sqlite.insert
-    stmt = insert(model).values(**values).on_conflict_do_nothing().returning(returning)
-    return s.execute(stmt).scalar()
+    dialect = s.get_bind().dialect.name
+    key = (dialect, model, returning.key, frozenset(values))
+    stmt = _INSERTS.get(key)
+    if stmt is None:
+        # Built once per shape: a statement with its values inlined is a new cache key to compute every time,
+        # which cost a first contact more than its SQL did.
+        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        table = model.__table__  # Core, not ORM: no ORM bulk-insert machinery for one row
+        stmt = insert(table).values({k: bindparam(k) for k in values}).on_conflict_do_nothing()
+        stmt = stmt.returning(table.c[returning.key])
+        _INSERTS[key] = stmt
+    return s.execute(stmt, values).scalar()
+
+
+_INSERTS: dict[tuple[str, Any, str, frozenset[str]], Any] = {}
