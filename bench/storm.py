@@ -12,9 +12,9 @@ Two parts, both against servers this script starts on a database it fills (and d
 * **machines**: N simulated Talos machines powering on within ``--ramp`` seconds, each as Talos does it (a fresh
   connection per request): its iPXE script, then its config. A share is approved already and downloads at once;
   the others are new (first contact: pending, held by the long poll). With ``--oauth`` every machine uses the
-  OAuth device flow instead (a device code, then token polls every 5 s, then the download with its token). Once all new machines are waiting, the script approves them through the API, and
-  every held request must answer with the config: approval-to-config latency, per-kind latency percentiles,
-  errors.
+  OAuth device flow instead (a device code, then token polls every 5 s, then the download with its token). Once
+  all new machines are waiting, the script approves them through the API, and every held request must answer
+  with the config: approval-to-config latency, per-kind latency percentiles, errors.
 
     python bench/storm.py                                  # doors and machines, SQLite, 1,000 registered
     python bench/storm.py --registered 100000              # the same with 100,000 machines in the registry
