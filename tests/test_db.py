@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from ktizo.db import Database
 from ktizo.db.migrate import current_revision, head_revision, upgrade
 from ktizo.db.models import Device
+from ktizo.domain.errors import NotReady
 from ktizo.services.registry import Services
 
 
@@ -58,12 +59,19 @@ def test_migrations_go_down_and_up_again(tmp_path) -> None:  # type: ignore[no-u
 
 def test_readyz_reports_a_database_behind_its_migrations(client: TestClient, services: Services) -> None:
     assert client.get("/readyz").json() == {"status": "ready", "database": "ok", "migrations": "current"}
-    with services.db.write() as s:
-        s.execute(text("UPDATE alembic_version SET version_num = 'older'"))
     try:
+        with services.db.write() as s:
+            s.execute(text("UPDATE alembic_version SET version_num = '0008'"))  # this release upgrades it
         r = client.get("/readyz")
         assert r.status_code == 503
-        assert "ktizo db upgrade" in r.json()["migrations"]
+        assert "behind: run `ktizo db upgrade`" in r.json()["migrations"]
+        with services.db.write() as s:
+            s.execute(text("UPDATE alembic_version SET version_num = '0042'"))  # a newer release did
+        r = client.get("/readyz")
+        assert r.status_code == 503
+        assert r.json()["migrations"] == "ahead: a newer Ktizo upgraded the database"
+        with pytest.raises(NotReady, match="schema 0042, newer than this release of Ktizo knows"):
+            services.schema.upgrade()
     finally:  # on PostgreSQL the schema is shared by the tests of this worker
         with services.db.write() as s:
             s.execute(text("UPDATE alembic_version SET version_num = :v"), {"v": head_revision()})

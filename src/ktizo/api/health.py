@@ -24,7 +24,9 @@ def readyz(services: ServicesDep) -> JSONResponse:
         services.db.ping()
     except Exception as exc:  # any driver error means the same thing here: not ready
         return JSONResponse(Health(status="unavailable", database=type(exc).__name__).model_dump(), 503)
-    if not services.schema.state().is_current:
-        body = Health(status="unavailable", database="ok", migrations="behind: run `ktizo db upgrade`")
+    schema = services.schema.state()
+    if not schema.is_current:
+        migrations = "behind: run `ktizo db upgrade`" if schema.known else "ahead: a newer Ktizo upgraded the database"
+        body = Health(status="unavailable", database="ok", migrations=migrations)
         return JSONResponse(body.model_dump(), 503)
     return JSONResponse(Health(status="ready", database="ok", migrations="current").model_dump())

@@ -53,5 +53,11 @@ class SchemaService:
     def upgrade(self) -> tuple[str | None, str | None]:
         """Create or upgrade the schema to this release's; returns (revision before, revision after)."""
         before = migrate.current_revision(self.db)
+        if before is not None and before not in migrate.known_revisions():
+            raise NotReady(
+                f"the database at {display_url(self.db.url)} is at schema {before}, newer than this release of "
+                f"Ktizo knows (its newest is {migrate.head_revision()}): a newer Ktizo upgraded it. Run that "
+                "release (or newer) against it; migrations only go forward."
+            )
         migrate.upgrade(self.db)
         return before, migrate.current_revision(self.db)
