@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import resource
 import socket
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import uvicorn
+from cryptography import x509
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ktizo.app.asgi import create_app
-from ktizo.services.authority import TlsFiles, listener_names
+from ktizo.services.authority import LISTENER_DAYS, TlsFiles, listener_names
 from ktizo.services.registry import Services
 from ktizo.settings import Settings
 
@@ -161,9 +164,11 @@ def mtls_context(files: TlsFiles) -> ssl.SSLContext:
     return context
 
 
-def mtls_config(settings: Settings, app: Any, files: TlsFiles, max_connections: int) -> uvicorn.Config:
+def mtls_config(
+    settings: Settings, app: Any, files: TlsFiles, max_connections: int, context: ssl.SSLContext | None = None
+) -> uvicorn.Config:
     protocol = type("KtizoMtlsProtocol", (MtlsProtocol,), {"header_timeout": settings.header_timeout_seconds})
-    context = mtls_context(files)
+    context = context or mtls_context(files)
     return uvicorn.Config(
         app,
         log_level=settings.log_level,
@@ -184,6 +189,46 @@ def mtls_listener_files(settings: Settings, services: Services) -> TlsFiles:
     names = listener_names(settings.host, settings.public_url, settings.mtls_names)
     log.info("mTLS listener on %s:%d for %s", settings.host, settings.mtls_port, ", ".join(names[:6]))
     return services.authority.listener_files(settings.data_dir / "tls", names)
+
+
+class ListenerCertificate:
+    """Keeps the mTLS listener's certificate fresh in a server that runs for months: it is valid LISTENER_DAYS
+    (30) from its start, so once half of that has gone by a new one is issued (by ``renew``: the process that owns
+    the files, the only one with ``--workers``) and every process loads the files again when they change. New
+    handshakes get the new certificate; connections already open keep theirs."""
+
+    CHECK_SECONDS = 3600.0
+
+    def __init__(self, context: ssl.SSLContext, files: TlsFiles, renew: Callable[[], TlsFiles] | None) -> None:
+        self.context, self.files, self.renew = context, files, renew
+        self._loaded = self._stamp()
+
+    def _stamp(self) -> int:
+        try:
+            return self.files.cert.stat().st_mtime_ns
+        except FileNotFoundError:
+            return 0
+
+    def check(self, now: dt.datetime | None = None) -> None:
+        now = now or dt.datetime.now(dt.UTC)
+        try:
+            cert = x509.load_pem_x509_certificate(self.files.cert.read_bytes())
+            remaining = cert.not_valid_after_utc - now
+            if self.renew is not None and remaining < dt.timedelta(days=LISTENER_DAYS / 2):
+                log.info("the mTLS listener's certificate expires in %s: issuing a new one", remaining)
+                self.files = self.renew()
+            stamp = self._stamp()
+            if stamp != self._loaded:
+                self.context.load_cert_chain(str(self.files.cert), str(self.files.key))
+                self._loaded = stamp
+                log.info("the mTLS listener now presents the certificate in %s", self.files.cert)
+        except (OSError, ValueError, ssl.SSLError):  # caught mid-write (the key before the certificate): next round
+            log.warning("could not refresh the mTLS listener's certificate; trying again later", exc_info=True)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.CHECK_SECONDS)
+            await asyncio.to_thread(self.check)
 
 
 class _Companion(uvicorn.Server):
@@ -210,13 +255,19 @@ def serve(
         main.run(sockets=main_sockets)
         return
     files = tls_files or mtls_listener_files(settings, services)
-    companion = _Companion(mtls_config(settings, main.config.app, files, max_connections))
+    context = mtls_context(files)
+    # Workers share their supervisor's files: the one that runs the jobs renews them, the others reload.
+    owner = tls_files is None or settings.run_jobs
+    keeper = ListenerCertificate(context, files, partial(mtls_listener_files, settings, services) if owner else None)
+    companion = _Companion(mtls_config(settings, main.config.app, files, max_connections, context))
 
     async def both() -> None:
         task = asyncio.create_task(companion.serve(sockets=[mtls_socket]))
+        refresh = asyncio.create_task(keeper.run())
         try:
             await main.serve(sockets=main_sockets)
         finally:
+            refresh.cancel()
             companion.should_exit = True
             await task
 
