@@ -66,16 +66,25 @@ class BootDoors:
             return await _refuse(send, exc, started)
         download = self.services.download
         gone = asyncio.Event()
-        listener = asyncio.create_task(until_disconnect(receive, gone))
+        listening: list[asyncio.Task[None]] = []
+
+        def listen() -> None:
+            # Hang-ups matter to a held request and to a config about to be recorded as delivered; a refusal
+            # answered at once needs no task watching for them (a pending machine's poll, the storm's usual case).
+            if not listening:
+                listening.append(asyncio.create_task(until_disconnect(receive, gone)))
+
         try:
-            answer = await download.request(claim, gone)
+            answer = await download.request(claim, gone, on_hold=listen)
             body = answer.result()
         except KtizoError as exc:
-            listener.cancel()
+            for task in listening:
+                task.cancel()
             return await _refuse(send, exc, started)
+        listen()
         await asyncio.sleep(0)  # a hang-up the server has already seen reaches ``gone`` first
         open_before = not gone.is_set()  # after the response, the server reports every connection as gone
-        listener.cancel()
+        listening[0].cancel()
         if not open_before:
             return 200
         headers = [

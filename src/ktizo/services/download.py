@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ktizo.db import Database
@@ -55,8 +56,11 @@ class ConfigDownload:
     def held(self) -> int:
         return self._held
 
-    async def request(self, claim: Claim, gone: asyncio.Event | None = None) -> Answer:
-        """The answer to one config request. ``gone`` is set by the adapter when the client hangs up."""
+    async def request(
+        self, claim: Claim, gone: asyncio.Event | None = None, on_hold: Callable[[], None] | None = None
+    ) -> Answer:
+        """The answer to one config request. ``gone`` is set by the adapter when the client hangs up; ``on_hold``
+        is called just before the request is held (an adapter may watch for hang-ups only from then on)."""
         answer = await self._decide(claim)
         if await self._write(answer.followup):  # a rule decided the machine: answer from what it is now
             answer = await self._decide(claim)
@@ -71,6 +75,8 @@ class ConfigDownload:
         held = self._hold(answer.device_id, claim.source_ip)
         if held is None:
             return answer
+        if on_hold is not None:
+            on_hold()
         bridge = asyncio.create_task(_relay(gone, held.event)) if gone is not None else None
         try:
             woken = await self.watcher.wait(held.device_id, self.long_poll_seconds, held.event)
