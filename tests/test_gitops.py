@@ -344,12 +344,11 @@ def test_the_job_runs_only_with_a_repository(services: Services, gitops, cli) ->
     assert result.exit_code == 1 and "KTIZO_GITOPS_REPO" in result.output
 
 
+@pytest.mark.postgres_only  # one SQLite database is one host: there the flock on the repository is the lock
 def test_one_writer_at_a_time(gitops) -> None:
     """Another replica holding the writer's row (PostgreSQL): this one skips its run, and a sync says so."""
     services, repo = gitops()
     pending(services, MAC)
-    if services.db.dialect == "sqlite":
-        pytest.skip("one SQLite database is one host: the flock on the repository is the lock")
     from sqlalchemy import text
 
     from ktizo.domain.errors import Conflict

@@ -24,7 +24,6 @@ from ktizo.services.context import Actor
 from ktizo.services.queries import DeviceChanges
 from ktizo.services.registry import Services
 from tests.agents.test_mtls import Server, start
-from tests.conftest import PG_URL
 from tests.factories import approved, next_mac
 from tests.webhook_receiver import Receiver, free_port, verify
 
@@ -116,7 +115,7 @@ while not stop.exists():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not PG_URL.startswith("postgresql"), reason="two processes on one PostgreSQL")
+@pytest.mark.postgres_only  # two processes on one PostgreSQL
 def test_two_processes_on_one_postgresql_deliver_each_event_once(
     tmp_path: Path, database_url: str, services: Services
 ) -> None:
