@@ -663,3 +663,34 @@ def test_a_committed_write_is_seen_by_the_next_boot_read(services: Services, bas
         services.devices.reject(Actor.system(), device.id)
         assert boot_row()[0] == "rejected"
         assert services.boot.decide(claim).status == "rejected"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"mac=52%3A54%3A00%3A00%3A00%3A01&uuid=00000000-0000-4000-8000-000000000001&serial=SN1",
+        b"mac=a+b&&uuid=&serial",
+        b"mac=%E2%82%AC&hostname=x%2By",
+        b"=x",
+        b"mac=1&mac=2",
+        b"foo=1",
+        b";mac=1",
+        b"mac=%zz",
+        b"hostname=a=b",
+        b"m%61c=52:54:00:00:00:01",
+        b"mac=" + b"a" * 65,
+    ],
+)
+def test_the_fast_door_reads_a_query_as_parse_qsl_does(raw: bytes) -> None:
+    """The fast door's own query parser takes exactly what FastAPI's route would take, read the same way."""
+    from urllib.parse import parse_qsl
+
+    from ktizo.api.boot_doors import LIMITS, _query
+
+    expected: dict[str, str] | None = {}
+    for key, value in parse_qsl(raw.decode("latin-1"), keep_blank_values=True):
+        if expected is None or key not in LIMITS or len(value) > LIMITS[key] or key in expected:
+            expected = None
+            break
+        expected[key] = value
+    assert _query(raw) == expected
