@@ -70,7 +70,10 @@ class Receiver:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        # socketserver's listen backlog is 5: deliverers sending a batch at once overflowed it, and the
+        # connections reset were retried only after their 20 s backoff (a flaky test, not a Ktizo fault).
+        server_class = type("Server", (ThreadingHTTPServer,), {"request_queue_size": 256})
+        self.server = server_class(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
