@@ -10,7 +10,9 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from ktizo.db.batch import table_of
 from ktizo.db.models import Event
+from ktizo.db.types import utcnow
 
 # Audit action -> event name. Actions not named here (sign-ins, token changes…) are audited but not events.
 EVENTS: dict[str, str] = {
@@ -51,6 +53,7 @@ GITOPS_EVENTS = frozenset(
 )
 # Every name a subscription may list (besides ``*``).
 NAMES = frozenset(EVENTS.values())
+_EVENT_INSERT = table_of(Event).insert()
 
 # What an event tells of the machine: who it is and what it was given, never its patch or secrets.
 MACHINE_FIELDS = (
@@ -91,14 +94,17 @@ def outbox(
     name = event_for(action, details)
     if name is None:
         return
-    s.add(
-        Event(
-            event=name,
-            action=action,
-            device_id=getattr(device, "id", None),
-            actor=actor["name"],
-            actor_type=actor["kind"],
-            payload={"machine": machine_of(device), "actor": actor, "details": details},
-            gitops_pending=name in GITOPS_EVENTS,
-        )
+    s.execute(  # Core, run now: see audit.record
+        _EVENT_INSERT,
+        {
+            "at": utcnow(),
+            "event": name,
+            "action": action,
+            "device_id": getattr(device, "id", None),
+            "actor": actor["name"],
+            "actor_type": actor["kind"],
+            "payload": {"machine": machine_of(device), "actor": actor, "details": details},
+            "webhooks_pending": True,
+            "gitops_pending": name in GITOPS_EVENTS,
+        },
     )
