@@ -171,7 +171,7 @@ class BootService:
             return Answer(error=NotApproved(DeviceStatus.PENDING), followup=arrive, status=DeviceStatus.PENDING)
         status = DeviceStatus(device.status)
         refused = replace(Answer(error=IdentityRefused(), device_id=device.id), status=status)
-        if any(getattr(device, f) and knock.claimed(f) and getattr(device, f) != knock.claimed(f) for f in FACTORS):
+        if self._contradicts(device, knock):
             return replace(refused, followup=arrive)  # first contact records the mismatch
         if status is not DeviceStatus.APPROVED:
             touch = arrive if self._owes_write(device, knock) else None
@@ -214,7 +214,7 @@ class BootService:
         device = self._find(knock)
         if device is None:
             return None
-        if any(getattr(device, f) and knock.claimed(f) and getattr(device, f) != knock.claimed(f) for f in FACTORS):
+        if self._contradicts(device, knock):
             return None
         return None if self._owes_write(device, knock) else device
 
@@ -250,6 +250,11 @@ class BootService:
         # An approved machine's facts are not the caller's to change (first_contact._touch): no write to owe.
         facts = device.facts or {}
         return device.status != DeviceStatus.APPROVED.value and any(facts.get(k) != v for k, v in knock.facts.items())
+
+    @staticmethod
+    def _contradicts(device: BootDevice, knock: Knock) -> bool:
+        """The knock claims a UUID, serial or MAC other than the one the machine is bound to."""
+        return any(getattr(device, f) and knock.claimed(f) and getattr(device, f) != knock.claimed(f) for f in FACTORS)
 
     @staticmethod
     def _missing_factor(device: BootDevice, knock: Knock) -> str | None:
