@@ -122,9 +122,11 @@ def pair(settings: Settings, bases: object, monkeypatch: pytest.MonkeyPatch) -> 
     answered: list[bytes] = []
     download = BootDoors._download
 
-    async def noted(self: BootDoors, scope: Scope, receive: Receive, send: Send, query: Any, started: float) -> int:
-        answered.append(scope["query_string"])
-        return await download(self, scope, receive, send, query, started)
+    async def noted(self: BootDoors, scope: Scope, receive: Receive, send: Send, started: float) -> int | None:
+        status = await download(self, scope, receive, send, started)
+        if status is not None:
+            answered.append(scope["query_string"])
+        return status
 
     monkeypatch.setattr(BootDoors, "_download", noted)
     with ExitStack() as stack:

@@ -15,8 +15,9 @@ from urllib.parse import unquote_plus
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ktizo.api.talos import YAML, talos_claim, text_refusal, timing, until_disconnect
+from ktizo.api.talos import YAML, talos_claim, text_refusal, until_disconnect
 from ktizo.domain.errors import KtizoError
+from ktizo.services.boot import Answer
 from ktizo.services.prometheus import Metrics
 from ktizo.services.registry import Services
 
@@ -26,6 +27,7 @@ ROUTE = DOWNLOAD  # the route template the latency histogram files these request
 LIMITS = {"mac": 64, "uuid": 64, "serial": 256, "hostname": 256}
 _YAML_TYPE = YAML.encode()
 _TEXT_TYPE = b"text/plain; charset=utf-8"
+Payload = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, headers, body
 
 
 class BootDoors:
@@ -38,20 +40,31 @@ class BootDoors:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] == DOWNLOAD and scope["method"] == "GET":
-            query = _query(scope["query_string"])
-            if query is not None:
-                started = time.perf_counter()
-                status = 500
-                try:
-                    status = await self._download(scope, receive, send, query, started)
-                finally:
-                    if self.metrics is not None:
-                        self.metrics.observe_request("GET", ROUTE, status, time.perf_counter() - started)
+            started = time.perf_counter()
+            status: int | None = 500
+            try:
+                status = await self._download(scope, receive, send, started)
+            finally:
+                if status is not None and self.metrics is not None:
+                    self.metrics.observe_request("GET", ROUTE, status, time.perf_counter() - started)
+            if status is not None:
                 return
         await self.app(scope, receive, send)
 
-    async def _download(self, scope: Scope, receive: Receive, send: Send, query: dict[str, str], started: float) -> int:
+    async def _download(self, scope: Scope, receive: Receive, send: Send, started: float) -> int | None:
+        """Answer the request and return the status; None when it is not one for this door (see the module)."""
         client = scope.get("client")
+        source_ip = client[0] if client else None
+        download = self.services.download
+        # The same query from the same address is the same claim: its answer, while it holds, needs no decision.
+        # (The Authorization header is not part of it: an answer that depends on a token is never remembered.)
+        key = (scope["query_string"], source_ip)
+        remembered = download.recall(key)
+        if remembered is not None:
+            return await self._answer(remembered.answer, remembered.payload, receive, send, started)
+        query = _query(scope["query_string"])
+        if query is None:
+            return None
         authorization = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
         try:
             claim = talos_claim(
@@ -59,43 +72,84 @@ class BootDoors:
                 query.get("uuid"),
                 query.get("serial"),
                 query.get("hostname"),
-                client[0] if client else None,
+                source_ip,
                 authorization=authorization,
             )
         except KtizoError as exc:
-            return await _refuse(send, exc, started)
-        download = self.services.download
+            return await _send(send, _refusal(exc), started)
         gone = asyncio.Event()
         listening: list[asyncio.Task[None]] = []
 
         def listen() -> None:
-            # Hang-ups matter to a held request and to a config about to be recorded as delivered; a refusal
-            # answered at once needs no task watching for them (a pending machine's poll, the storm's usual case).
+            # A held request must stop waiting when its client hangs up; one answered at once needs no task
+            # watching for that (a pending machine's poll, the storm's usual case).
             if not listening:
                 listening.append(asyncio.create_task(until_disconnect(receive, gone)))
 
         try:
             answer = await download.request(claim, gone, on_hold=listen)
-            body = answer.result()
         except KtizoError as exc:
+            return await _send(send, _refusal(exc), started)
+        finally:
             for task in listening:
                 task.cancel()
-            return await _refuse(send, exc, started)
-        listen()
-        await asyncio.sleep(0)  # a hang-up the server has already seen reaches ``gone`` first
-        open_before = not gone.is_set()  # after the response, the server reports every connection as gone
-        listening[0].cancel()
+        payload = _payload(answer)
+        kept = download.remember(key, answer)
+        if kept is not None:
+            kept.payload = payload
+        return await self._answer(answer, payload, receive, send, started, gone)
+
+    async def _answer(
+        self,
+        answer: Answer,
+        payload: Payload,
+        receive: Receive,
+        send: Send,
+        started: float,
+        gone: asyncio.Event | None = None,
+    ) -> int:
+        if answer.error is not None or answer.delivered is None:
+            return await _send(send, payload, started)
+        # A config is recorded as delivered only when handed to an open connection: watch for a hang-up the
+        # server has already seen (it reaches ``gone`` first), then decide before sending, since after the
+        # response the server reports every connection as gone.
+        gone = gone if gone is not None and not gone.is_set() else asyncio.Event()
+        listener = asyncio.create_task(until_disconnect(receive, gone))
+        await asyncio.sleep(0)
+        open_before = not gone.is_set()
+        listener.cancel()
         if not open_before:
             return 200
-        headers = [
-            (b"content-length", str(len(body)).encode()),
-            (b"content-type", _YAML_TYPE),
-            *((k.lower().encode(), v.encode()) for k, v in timing(started).items()),
-        ]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-        await download.delivered(answer, gone)
+        await _send(send, payload, started)
+        await self.services.download.delivered(answer, gone)
         return 200
+
+
+def _payload(answer: Answer) -> Payload:
+    """The response to ``answer``, all but its Server-Timing header."""
+    if answer.error is not None:
+        return _refusal(answer.error)
+    body = answer.result()
+    return 200, [(b"content-length", str(len(body)).encode()), (b"content-type", _YAML_TYPE)], body
+
+
+def _refusal(exc: KtizoError) -> Payload:
+    status, extra, text = text_refusal(exc)
+    body = text.encode()
+    headers = [
+        *((k.lower().encode(), v.encode("latin-1")) for k, v in extra.items()),
+        (b"content-length", str(len(body)).encode()),
+        (b"content-type", _TEXT_TYPE),
+    ]
+    return status, headers, body
+
+
+async def _send(send: Send, payload: Payload, started: float) -> int:
+    status, headers, body = payload
+    timing = f"app;dur={(time.perf_counter() - started) * 1e3:.3f}".encode()
+    await send({"type": "http.response.start", "status": status, "headers": [*headers, (b"server-timing", timing)]})
+    await send({"type": "http.response.body", "body": body})
+    return status
 
 
 def _query(raw: bytes) -> dict[str, str] | None:
@@ -116,16 +170,3 @@ def _query(raw: bytes) -> dict[str, str] | None:
             return None
         query[key] = value
     return query
-
-
-async def _refuse(send: Send, exc: KtizoError, started: float) -> int:
-    status, extra, text = text_refusal(exc, started)
-    body = text.encode()
-    headers = [
-        *((k.lower().encode(), v.encode("latin-1")) for k, v in extra.items()),
-        (b"content-length", str(len(body)).encode()),
-        (b"content-type", _TEXT_TYPE),
-    ]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-    return status

@@ -74,10 +74,10 @@ def talos_claim(
     )
 
 
-def text_refusal(exc: KtizoError, started: float) -> tuple[int, dict[str, str], str]:
-    """The plain-text refusal Talos logs: status, headers, body."""
+def text_refusal(exc: KtizoError) -> tuple[int, dict[str, str], str]:
+    """The plain-text refusal Talos logs: status, headers (Retry-After, when it has one), body."""
     status = status_for(exc)
-    return 400 if status == 422 else status, timing(started) | retry_after(exc), str(exc) + "\n"
+    return 400 if status == 422 else status, retry_after(exc), str(exc) + "\n"
 
 
 @router.get(
@@ -110,7 +110,8 @@ async def download_config_get(
     started = time.perf_counter()
 
     def refused(exc: KtizoError) -> Response:
-        status, headers, body = text_refusal(exc, started)
+        status, headers, body = text_refusal(exc)
+        headers |= timing(started)
         return PlainTextResponse(body, status_code=status, headers=headers)
 
     try:

@@ -55,15 +55,21 @@ class FastQuery:
         self._lock = threading.Lock()
 
     def first(self, **params: Any) -> FastRow | None:
+        found = self.first_raw(**params)
+        return None if found is None else self.process(found)
+
+    def first_raw(self, **params: Any) -> tuple[Any, ...] | None:
+        """The row as SQLite stores it (JSON as text, datetimes as strings): cheap to compare with an earlier one."""
         conn = self._connection()
-        values = self.defaults | params
+        values = self.defaults | params if self.defaults else params
         cursor = conn.execute(self.sql, tuple(values[n] for n in self.names))
-        found = cursor.fetchone()
+        found: tuple[Any, ...] | None = cursor.fetchone()
         cursor.close()  # an unfinished statement would keep its snapshot, and WAL checkpoints waiting, until reused
-        if found is None:
-            return None
-        processors = self.processors
-        return self.row(v if p is None or v is None else p(v) for v, p in zip(found, processors, strict=True))
+        return found
+
+    def process(self, raw: tuple[Any, ...]) -> FastRow:
+        """A raw row's values as SQLAlchemy would give them."""
+        return self.row(v if p is None or v is None else p(v) for v, p in zip(raw, self.processors, strict=True))
 
     def _connection(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)

@@ -7,6 +7,7 @@ that was still open, so a config nobody received never marks a machine installed
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
@@ -74,6 +75,19 @@ class Claim:
 
 
 @dataclass(frozen=True)
+class Basis:
+    """What an answer was decided from, so that it may be given again without deciding it again: the machine's row
+    as read (the columns the download record writes left out) and how long its answer holds (a pending machine's
+    until its next last_seen write is owed, an approved machine's a few seconds: anything outside its row, like a
+    base config file on disk, is then looked at again)."""
+
+    by: str  # "mac" or "uuid": how the row was found
+    value: str
+    row: tuple[Any, ...]
+    until: dt.datetime
+
+
+@dataclass(frozen=True)
 class Answer:
     """What a config request gets: a body or an error, and the writes it owes."""
 
@@ -84,6 +98,7 @@ class Answer:
     download: Download | None = None  # the same record, for the batched log (when nothing else is owed)
     device_id: int | None = None  # None only for a machine seen for the first time
     status: DeviceStatus | None = None
+    basis: Basis | None = None  # set when the answer owes nothing before it goes out and may be given again
 
     def result(self) -> bytes:
         if self.error is not None:
@@ -122,6 +137,15 @@ _BOOT_COLUMNS = (
 )
 _BY_MAC = select(*_BOOT_COLUMNS).where(Device.mac_address == bindparam("mac"))
 _BY_UUID = select(*_BOOT_COLUMNS).where(Device.uuid == bindparam("uuid"), Device.mac_address.is_(None))
+# Every download record writes these; what a config request is answered does not depend on them (a pending
+# machine's last_seen only says when a write is owed: ``Basis.until``).
+_VOLATILE = frozenset({"last_seen", "installed_at"})
+_STABLE_AT = tuple(i for i, c in enumerate(_BY_MAC.selected_columns) if c.key not in _VOLATILE)
+_STABLE = tuple(_BOOT_COLUMNS[i] for i in _STABLE_AT)
+_STABLE_BY_MAC = select(*_STABLE).where(Device.mac_address == bindparam("mac"))
+_STABLE_BY_UUID = select(*_STABLE).where(Device.uuid == bindparam("uuid"), Device.mac_address.is_(None))
+# How long an approved machine's answer is given again without deciding it anew (see Basis).
+REMEMBER_APPROVED = dt.timedelta(seconds=10)
 BootDevice = Row[Any] | FastRow  # the columns above, by attribute
 
 
@@ -141,6 +165,7 @@ class BootService:
         self.require_lease_ip = require_lease_ip
         self.access_check = access_check
         self._by_mac, self._by_uuid = db.fast_query(_BY_MAC), db.fast_query(_BY_UUID)
+        self._stable = {"mac": db.fast_query(_STABLE_BY_MAC), "uuid": db.fast_query(_STABLE_BY_UUID)}
 
     @property
     def cache(self) -> RenderCache:
@@ -165,7 +190,7 @@ class BootService:
     def decide(self, claim: Claim) -> Answer:
         """Decide a config request from one read; the writes it implies come back with the answer."""
         knock = claim.knock()  # refuses a request naming no machine
-        device = self._find(claim)
+        device, read = self._lookup(claim)
         arrive = partial(self._arrive, knock)
         if device is None:
             return Answer(error=NotApproved(DeviceStatus.PENDING), followup=arrive, status=DeviceStatus.PENDING)
@@ -174,8 +199,13 @@ class BootService:
         if self._contradicts(device, knock):
             return replace(refused, followup=arrive)  # first contact records the mismatch
         if status is not DeviceStatus.APPROVED:
-            touch = arrive if self._owes_write(device, knock) else None
-            return Answer(error=NotApproved(status), followup=touch, device_id=device.id, status=status)
+            if self._owes_write(device, knock):
+                return Answer(error=NotApproved(status), followup=arrive, device_id=device.id, status=status)
+            basis = None
+            if read is not None and device.last_seen is not None:
+                until = device.last_seen + dt.timedelta(seconds=self.first_contact.touch_interval)
+                basis = Basis(*read, until=until)
+            return Answer(error=NotApproved(status), device_id=device.id, status=status, basis=basis)
         missing = self._missing_factor(device, knock)
         if missing is not None:
             detail = {missing: {"bound": getattr(device, missing), "claimed": None}}
@@ -194,13 +224,24 @@ class BootService:
             delivered = partial(self._record_download, knock, device, len(body))
             return Answer(body=body, delivered=delivered, device_id=device.id, status=status)
         download = Download.of(device, knock.source_ip, len(body))
+        # Behind an access check the answer depends on the token, which the row does not show.
+        basis = Basis(*read, until=utcnow() + REMEMBER_APPROVED) if read and self.access_check is None else None
         return Answer(
             body=body,
             delivered=partial(write_downloads, [download]),
             download=download,
             device_id=device.id,
             status=status,
+            basis=basis,
         )
+
+    def holds(self, basis: Basis) -> bool:
+        """Whether an answer decided from ``basis`` is still the answer: not expired, and the machine's row as it
+        was then (one narrow read of the row, on SQLite)."""
+        query = self._stable[basis.by]
+        if query is None or utcnow() >= basis.until:
+            return False
+        return query.first_raw(**{basis.by: basis.value}) == basis.row
 
     def render(self, device: RenderableDevice, config_revision: int | None = None) -> bytes:
         return self.renderer.render(device, self.renderer.source.snapshot(config_revision))
@@ -217,6 +258,25 @@ class BootService:
         if self._contradicts(device, knock):
             return None
         return None if self._owes_write(device, knock) else device
+
+    def _lookup(self, claim: Claim) -> tuple[BootDevice | None, tuple[str, str, tuple[Any, ...]] | None]:
+        """The machine, and (on SQLite) how it was found with its raw row, for a ``Basis``."""
+        by_mac, by_uuid = self._by_mac, self._by_uuid
+        if by_mac is None or by_uuid is None:
+            return self._find(claim), None
+        if claim.mac:
+            raw = by_mac.first_raw(mac=claim.mac)
+            if raw is not None:
+                return by_mac.process(raw), ("mac", claim.mac, tuple(raw[i] for i in _STABLE_AT))
+            if claim.identifying_uuid is None:
+                return None, None
+        raw = by_uuid.first_raw(uuid=claim.identifying_uuid)
+        if raw is None:
+            return None, None
+        # Found by UUID although it named a MAC: a row made for that MAC later would change the answer, so this
+        # one is not given again from memory.
+        read = None if claim.mac else ("uuid", claim.identifying_uuid, tuple(raw[i] for i in _STABLE_AT))
+        return by_uuid.process(raw), read  # type: ignore[return-value]
 
     def _find(self, claim: Claim | Knock) -> BootDevice | None:
         if self._by_mac is not None and self._by_uuid is not None:

@@ -12,13 +12,27 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from typing import Any
 
 from ktizo.db import Database
 from ktizo.services.boot import Answer, BootService, Claim, Work
 from ktizo.services.download_log import DownloadLog
 from ktizo.services.watch import ApprovalWatcher
+
+
+@dataclass
+class Remembered:
+    """An answer given again to the same request (same query, same address) while its ``Basis`` holds: a
+    machine polling while pending, or downloading its config again, costs one narrow read instead of a decision."""
+
+    answer: Answer
+    payload: Any = None  # what the adapter made of the answer: its response, ready to send
+
+
+# Remembered answers kept at most (one per machine and address in a storm); past it they are all forgotten.
+MAX_REMEMBERED = 200_000
 
 
 @dataclass
@@ -50,11 +64,34 @@ class ConfigDownload:
         self._by_device: dict[int, _Held] = {}
         self._held = 0
         self.log = DownloadLog(db)
+        self._remembered: dict[Hashable, Remembered] = {}
         self.refused_holds = 0  # requests answered at once because a cap was reached (for operators and tests)
 
     @property
     def held(self) -> int:
         return self._held
+
+    def recall(self, key: Hashable) -> Remembered | None:
+        """The answer remembered for the request ``key`` names, if it is still the answer (see ``Remembered``)."""
+        remembered = self._remembered.get(key)
+        if remembered is None:
+            return None
+        answer = remembered.answer
+        held = self.long_poll_seconds > 0 and answer.pending  # long poll was turned on since
+        if answer.basis is not None and not held and self.boot.holds(answer.basis):
+            return remembered
+        self._remembered.pop(key, None)
+        return None
+
+    def remember(self, key: Hashable, answer: Answer) -> Remembered | None:
+        """Keep ``answer`` for the next request ``key`` names, if it may be given again: it owes no write before
+        it goes out, and it would not be held (a pending machine's request waits for approval under long poll)."""
+        if answer.basis is None or (self.long_poll_seconds > 0 and answer.pending):
+            return None
+        if len(self._remembered) >= MAX_REMEMBERED:
+            self._remembered.clear()
+        remembered = self._remembered[key] = Remembered(answer)
+        return remembered
 
     async def request(
         self, claim: Claim, gone: asyncio.Event | None = None, on_hold: Callable[[], None] | None = None
