@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, cast
+from typing import Any
 
 import httpx
 import pytest
@@ -32,6 +32,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from ktizo.api.boot_doors import BootDoors
 from ktizo.app import build_services, create_app
+from ktizo.app.asgi import KtizoApp
 from ktizo.db.models import ConfigState, Device, Event
 from ktizo.domain.devices import IDENTITY_REFUSED
 from ktizo.services import download_log
@@ -86,9 +87,8 @@ class Seen:
 
 def without_doors(app: FastAPI) -> FastAPI:
     """``app`` as ``create_app`` built it, minus BootDoors: every config download goes to the FastAPI route."""
-    kept = [m for m in app.user_middleware if cast(object, m.cls) is not BootDoors]
-    assert len(kept) == len(app.user_middleware) - 1, "create_app installs BootDoors exactly once"
-    app.user_middleware = kept
+    assert isinstance(app, KtizoApp) and isinstance(app.boot_doors, BootDoors), "create_app puts BootDoors in front"
+    app.boot_doors = None
     return app
 
 

@@ -6,7 +6,8 @@ app hears nothing from) reaches the very next request, and every download is sti
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from ktizo.app import build_services, create_app
+from ktizo.domain.users import UserRole
 from ktizo.services.audit import AuditQuery
 from ktizo.services.boot import BootService
 from ktizo.services.context import Actor
@@ -25,6 +27,16 @@ from tests.clock import ManualClock
 from tests.support import TALOS_HEADERS, talos_url
 
 pytestmark = pytest.mark.sqlite_only  # memory is for SQLite's reads on the event loop; PostgreSQL always decides
+
+
+def eventually(check: Callable[[], bool], seconds: float = 5) -> bool:
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
 
 MAC, UUID, SERIAL = "52:54:00:7e:00:01", "4c4c4544-0042-3510-8051-00000000007e", "SN-7E"
 URL = talos_url(mac=MAC, uuid=UUID, serial=SERIAL)
@@ -84,7 +96,8 @@ def test_a_remembered_pending_answer_still_writes_last_seen_once_an_interval(wor
     assert world.services.devices.get(device.id).last_seen == first  # within the interval: no write
     clock.advance(6)  # 16 s since: a write is owed, the memory must not hide it
     world.get()
-    assert world.services.devices.get(device.id).last_seen == first + dt.timedelta(seconds=16)
+    # Written just after the answer went out (services.download_log.TouchLog).
+    assert eventually(lambda: world.services.devices.get(device.id).last_seen == first + dt.timedelta(seconds=16))
 
 
 def test_the_same_poll_from_another_address_is_decided_and_recorded(world: World) -> None:
@@ -92,7 +105,18 @@ def test_the_same_poll_from_another_address_is_decided_and_recorded(world: World
     world.get()
     world.get()
     assert world.get("10.0.0.10")[0] == 403
-    assert world.services.devices.get(device.id).last_ip == "10.0.0.10"
+    assert eventually(lambda: world.services.devices.get(device.id).last_ip == "10.0.0.10")
+
+
+def test_a_rule_still_decides_a_polling_machine_at_its_next_write(world: World, clock: ManualClock) -> None:
+    """With a rule enabled a knock's write is first contact's (which lets the rules decide), not a mere touch."""
+    device = factories.pending(world.services, MAC, uuid=UUID, serial=SERIAL)
+    world.get()
+    operator = Actor.user("oscar", UserRole.OPERATOR)
+    world.elsewhere.rules.apply(operator, "lab", {"match": {"macPrefix": "52:54:00"}, "action": "approve"})
+    clock.advance(16)
+    assert world.get()[0] == 200
+    assert world.services.devices.get(device.id).status == "approved"
 
 
 def test_every_download_answered_from_memory_is_recorded(world: World) -> None:

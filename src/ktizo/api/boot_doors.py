@@ -1,4 +1,4 @@
-"""Talos's config download answered beneath FastAPI: in a boot storm every machine comes through here, and
+"""Talos's config download answered in front of FastAPI: in a boot storm every machine comes through here, and
 FastAPI's routing, dependency injection and parameter validation cost two thirds of what one core can serve.
 
 Only a request that FastAPI's route would take as it is comes this way: ``GET /api/v1/config/download`` whose
@@ -13,7 +13,7 @@ import asyncio
 import time
 from urllib.parse import unquote_plus
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from ktizo.api.talos import YAML, talos_claim, text_refusal, until_disconnect
 from ktizo.domain.errors import KtizoError
@@ -31,25 +31,26 @@ Payload = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, headers, body
 
 
 class BootDoors:
-    """ASGI middleware: answers the config downloads it can, hands every other request to ``app``."""
+    """The config downloads it can answer, in front of the app (``app.asgi.KtizoApp``): ``takes`` says which
+    requests to offer, ``answer`` answers one or declines it (False: the app answers it)."""
 
-    def __init__(self, app: ASGIApp, services: Services, metrics: Metrics | None = None) -> None:
-        self.app = app
+    def __init__(self, services: Services, metrics: Metrics | None = None) -> None:
         self.services = services
         self.metrics = metrics
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == DOWNLOAD and scope["method"] == "GET":
-            started = time.perf_counter()
-            status: int | None = 500
-            try:
-                status = await self._download(scope, receive, send, started)
-            finally:
-                if status is not None and self.metrics is not None:
-                    self.metrics.observe_request("GET", ROUTE, status, time.perf_counter() - started)
-            if status is not None:
-                return
-        await self.app(scope, receive, send)
+    @staticmethod
+    def takes(scope: Scope) -> bool:
+        return bool(scope["type"] == "http" and scope["path"] == DOWNLOAD and scope["method"] == "GET")
+
+    async def answer(self, scope: Scope, receive: Receive, send: Send) -> bool:
+        started = time.perf_counter()
+        status: int | None = 500
+        try:
+            status = await self._download(scope, receive, send, started)
+        finally:
+            if status is not None and self.metrics is not None:
+                self.metrics.observe_request("GET", ROUTE, status, time.perf_counter() - started)
+        return status is not None
 
     async def _download(self, scope: Scope, receive: Receive, send: Send, started: float) -> int | None:
         """Answer the request and return the status; None when it is not one for this door (see the module)."""

@@ -54,23 +54,45 @@ class ClientAddressMiddleware:
         self.trusted = trusted
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and any(k == CLIENT_CERT for k, _v in scope["headers"]):
-            # RFC 9440: only a trusted TLS-terminating proxy may tell Ktizo which certificate its client showed.
-            peer = scope["client"][0] if scope.get("client") else None
-            if peer is None or not is_trusted(peer, self.trusted):
-                scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != CLIENT_CERT]}
-        if self.trusted and scope["type"] == "http" and scope.get("client"):
-            headers = {k: v for k, v in scope["headers"] if k in (b"forwarded", b"x-forwarded-for")}
-            peer, _port = scope["client"]
-            real = client_address(
-                peer,
-                headers[b"forwarded"].decode("latin-1") if b"forwarded" in headers else None,
-                headers[b"x-forwarded-for"].decode("latin-1") if b"x-forwarded-for" in headers else None,
-                self.trusted,
-            )
-            if real != peer:
-                scope = {**scope, "client": (real, 0)}
-        await self.app(scope, receive, send)
+        await self.app(seen_from_client(scope, self.trusted), receive, send)
+
+
+def seen_from_client(scope: Scope, trusted: tuple[Network, ...]) -> Scope:
+    """``scope`` as ``ClientAddressMiddleware`` hands it on."""
+    if scope["type"] == "http" and any(k == CLIENT_CERT for k, _v in scope["headers"]):
+        # RFC 9440: only a trusted TLS-terminating proxy may tell Ktizo which certificate its client showed.
+        peer = scope["client"][0] if scope.get("client") else None
+        if peer is None or not is_trusted(peer, trusted):
+            scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != CLIENT_CERT]}
+    if trusted and scope["type"] == "http" and scope.get("client"):
+        headers = {k: v for k, v in scope["headers"] if k in (b"forwarded", b"x-forwarded-for")}
+        peer, _port = scope["client"]
+        real = client_address(
+            peer,
+            headers[b"forwarded"].decode("latin-1") if b"forwarded" in headers else None,
+            headers[b"x-forwarded-for"].decode("latin-1") if b"x-forwarded-for" in headers else None,
+            trusted,
+        )
+        if real != peer:
+            scope = {**scope, "client": (real, 0)}
+    return scope
+
+
+class KtizoApp(FastAPI):
+    """FastAPI, with the boot storm's config downloads answered in front of it: FastAPI's own entry (telemetry,
+    its error and body-limit middleware) and the middleware stack cost a boot door as much as its own work. A
+    request ``boot_doors`` does not take goes through FastAPI untouched (its client address resolved there, once)."""
+
+    boot_doors: BootDoors | None = None
+    trusted: tuple[Network, ...] = ()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        doors = self.boot_doors
+        answered = doors is not None and doors.takes(scope)
+        if answered and doors is not None:
+            answered = await doors.answer(seen_from_client(scope, self.trusted), receive, send)
+        if not answered:
+            await super().__call__(scope, receive, send)
 
 
 class TransactionMiddleware:
@@ -142,7 +164,7 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
             await runner.stop()
             services.watcher.close()
 
-    app = FastAPI(
+    app = KtizoApp(
         lifespan=lifespan,
         title="Ktizo",
         version=__version__,
@@ -174,9 +196,9 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
             "/ui/cluster/base": settings.max_upload_bytes,
         },
     )
-    # Just inside the client's address: the boot storm's config downloads, answered beneath FastAPI's routing.
-    app.add_middleware(BootDoors, services=services, metrics=getattr(app.state, "metrics", None))
-    app.add_middleware(ClientAddressMiddleware, trusted=parse_networks(settings.trusted_proxies))
+    trusted = parse_networks(settings.trusted_proxies)
+    app.add_middleware(ClientAddressMiddleware, trusted=trusted)
+    app.boot_doors, app.trusted = BootDoors(services, getattr(app.state, "metrics", None)), trusted
 
     mount_web(app)
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import datetime as dt
+import gc
 import logging
 import resource
 import socket

@@ -8,6 +8,7 @@ that was still open, so a config nobody received never marks a machine installed
 from __future__ import annotations
 
 import datetime as dt
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
@@ -18,14 +19,14 @@ from sqlalchemy.orm import Session
 
 from ktizo.db import Database
 from ktizo.db.fastread import FastRow
-from ktizo.db.models import ConfigState, Device
+from ktizo.db.models import ConfigState, Device, Rule
 from ktizo.db.types import utcnow
 from ktizo.domain.devices import IDENTITY_REFUSED, DeviceStatus, Source, not_approved_message
 from ktizo.domain.errors import KtizoError, PermissionDenied
 from ktizo.domain.identity import identifying_uuid
 from ktizo.services import audit, refusals
 from ktizo.services.context import Actor
-from ktizo.services.download_log import Download, write_downloads
+from ktizo.services.download_log import Download, Touch, write_downloads
 from ktizo.services.first_contact import FACTORS, FirstContact, Knock
 from ktizo.services.render import RenderableDevice, RenderCache, Renderer
 
@@ -99,6 +100,7 @@ class Answer:
     device_id: int | None = None  # None only for a machine seen for the first time
     status: DeviceStatus | None = None
     basis: Basis | None = None  # set when the answer owes nothing before it goes out and may be given again
+    touch: Touch | None = None  # all a polling machine owes, written after the answer (services.download_log)
 
     def result(self) -> bytes:
         if self.error is not None:
@@ -132,6 +134,7 @@ _BOOT_COLUMNS = (
     Device.extra_nics,
     Device.lease_ip,
     Device.installed_at,
+    Device.approve_on_arrival,
     # The configuration revision rides along, so noticing a change made by another replica costs nothing.
     select(ConfigState.revision).where(ConfigState.id == 1).scalar_subquery().label("config_revision"),
 )
@@ -144,6 +147,8 @@ _STABLE_AT = tuple(i for i, c in enumerate(_BY_MAC.selected_columns) if c.key no
 _STABLE = tuple(_BOOT_COLUMNS[i] for i in _STABLE_AT)
 _STABLE_BY_MAC = select(*_STABLE).where(Device.mac_address == bindparam("mac"))
 _STABLE_BY_UUID = select(*_STABLE).where(Device.uuid == bindparam("uuid"), Device.mac_address.is_(None))
+# Whether any rule could decide a machine that knocks again (SQLite's fast read; elsewhere it is assumed).
+_ANY_RULE = select(Rule.id).where(Rule.enabled.is_(True)).limit(1)
 # How long an approved machine's answer is given again without deciding it anew (see Basis).
 REMEMBER_APPROVED = dt.timedelta(seconds=10)
 BootDevice = Row[Any] | FastRow  # the columns above, by attribute
@@ -166,6 +171,7 @@ class BootService:
         self.access_check = access_check
         self._by_mac, self._by_uuid = db.fast_query(_BY_MAC), db.fast_query(_BY_UUID)
         self._stable = {"mac": db.fast_query(_STABLE_BY_MAC), "uuid": db.fast_query(_STABLE_BY_UUID)}
+        self._any_rule = db.fast_query(_ANY_RULE)
 
     @property
     def cache(self) -> RenderCache:
@@ -200,6 +206,9 @@ class BootService:
             return replace(refused, followup=arrive)  # first contact records the mismatch
         if status is not DeviceStatus.APPROVED:
             if self._owes_write(device, knock):
+                if self._only_seen(device, knock):
+                    touch = Touch(device.id, knock.source_ip)
+                    return Answer(error=NotApproved(status), device_id=device.id, status=status, touch=touch)
                 return Answer(error=NotApproved(status), followup=arrive, device_id=device.id, status=status)
             basis = None
             if read is not None and device.last_seen is not None:
@@ -225,7 +234,11 @@ class BootService:
             return Answer(body=body, delivered=delivered, device_id=device.id, status=status)
         download = Download.of(device, knock.source_ip, len(body))
         # Behind an access check the answer depends on the token, which the row does not show.
-        basis = Basis(*read, until=utcnow() + REMEMBER_APPROVED) if read and self.access_check is None else None
+        basis = None
+        if read and self.access_check is None:
+            # Spread over the second half of the span: a rack that came up together must not be decided again
+            # all in the same instant.
+            basis = Basis(*read, until=utcnow() + REMEMBER_APPROVED * random.uniform(0.5, 1.0))  # noqa: S311
         return Answer(
             body=body,
             delivered=partial(write_downloads, [download]),
@@ -310,6 +323,17 @@ class BootService:
         # An approved machine's facts are not the caller's to change (first_contact._touch): no write to owe.
         facts = device.facts or {}
         return device.status != DeviceStatus.APPROVED.value and any(facts.get(k) != v for k, v in knock.facts.items())
+
+    def _only_seen(self, device: BootDevice, knock: Knock) -> bool:
+        """Whether all a knock owes is last_seen and last_ip (``Touch``): nothing to bind, the facts it reports
+        already known, and nothing first contact would decide (no rule enabled, no approval waiting for the
+        machine's arrival)."""
+        if self._any_rule is None or device.approve_on_arrival or self._binds(device, knock):
+            return False
+        facts = device.facts or {}
+        if any(facts.get(k) != v for k, v in knock.facts.items()):
+            return False
+        return self._any_rule.first_raw() is None
 
     @staticmethod
     def _contradicts(device: BootDevice, knock: Knock) -> bool:

@@ -18,7 +18,7 @@ from typing import Any
 
 from ktizo.db import Database
 from ktizo.services.boot import Answer, BootService, Claim, Work
-from ktizo.services.download_log import DownloadLog
+from ktizo.services.download_log import DownloadLog, TouchLog
 from ktizo.services.watch import ApprovalWatcher
 
 
@@ -64,6 +64,7 @@ class ConfigDownload:
         self._by_device: dict[int, _Held] = {}
         self._held = 0
         self.log = DownloadLog(db)
+        self.touches = TouchLog(db)
         self._remembered: dict[Hashable, Remembered] = {}
         self.refused_holds = 0  # requests answered at once because a cap was reached (for operators and tests)
 
@@ -99,6 +100,8 @@ class ConfigDownload:
         """The answer to one config request. ``gone`` is set by the adapter when the client hangs up; ``on_hold``
         is called just before the request is held (an adapter may watch for hang-ups only from then on)."""
         answer = await self._decide(claim)
+        if answer.touch is not None:
+            self.touches.note(answer.touch)
         if await self._write(answer.followup):  # a rule decided the machine: answer from what it is now
             answer = await self._decide(claim)
             await self._write(answer.followup)

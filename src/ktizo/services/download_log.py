@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy import bindparam
 from sqlalchemy.exc import IntegrityError
@@ -31,6 +31,7 @@ from ktizo.services import audit, events
 from ktizo.services.context import Actor
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -77,42 +78,87 @@ def write_downloads(downloads: Sequence[Download], s: Session) -> None:
     audit.record_batch(s, entries, at=now)
 
 
-class DownloadLog:
-    def __init__(self, db: Database) -> None:
+class Batcher(Generic[T]):
+    """Items written ``write(items, session)`` a batch at a time: the items that arrive while one batch is being
+    written make the next, so at most one batch is in flight."""
+
+    def __init__(self, db: Database, write: Callable[[Sequence[T], Session], None]) -> None:
         self.db = db
-        self._gathering: list[tuple[Download, asyncio.Future[None]]] = []
+        self.write = write
+        self._gathering: list[tuple[T, asyncio.Future[None]]] = []
         self._in_flight = False
 
-    async def record(self, download: Download) -> None:
-        """Record one download; returns once it is committed."""
+    async def record(self, item: T) -> None:
+        """Record one item; returns once it is committed."""
+        await self.note(item)
+
+    def note(self, item: T) -> asyncio.Future[None]:
+        """Record one item; the future says when it is committed (nobody need wait for it)."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
-        self._gathering.append((download, done))
+        self._gathering.append((item, done))
         if not self._in_flight:
             self._in_flight = True
             loop.call_soon(self._write_batch, loop)  # the requests answered in this turn of the loop join it
-        await done
+        return done
 
     def _write_batch(self, loop: asyncio.AbstractEventLoop) -> None:
         batch, self._gathering = self._gathering, []
         if not batch:
             self._in_flight = False
             return
-        written = self.db.submit(partial(_write_or_split, [d for d, _ in batch]))
+        written = self.db.submit(partial(self.write, [item for item, _ in batch]))
         written.add_done_callback(lambda f: _call_soon(loop, self._written, loop, batch, f))
 
     def _written(
-        self, loop: asyncio.AbstractEventLoop, batch: list[tuple[Download, asyncio.Future[None]]], f: Future[object]
+        self, loop: asyncio.AbstractEventLoop, batch: list[tuple[T, asyncio.Future[None]]], f: Future[object]
     ) -> None:
         error = f.exception()
-        for _download, done in batch:
+        for _item, done in batch:
             if done.done():
                 continue
             if error is None:
                 done.set_result(None)
             else:
                 done.set_exception(error)
+                done.exception()  # retrieved: a noted item nobody waits for must not log "never retrieved"
         self._write_batch(loop)
+
+
+class DownloadLog(Batcher[Download]):
+    def __init__(self, db: Database) -> None:
+        super().__init__(db, _write_or_split)
+
+
+@dataclass(frozen=True)
+class Touch:
+    """A pending (or rejected) machine knocked again with nothing new to say, a while since it was last seen or
+    from another address: last_seen and last_ip are all it owes."""
+
+    device_id: int
+    source_ip: str | None
+
+
+_TOUCH = (
+    table_of(Device)
+    .update()
+    .where(table_of(Device).c.id == bindparam("device"))
+    .values(last_seen=bindparam("now"), last_ip=bindparam("source_ip"))
+)
+
+
+def write_touches(touches: Sequence[Touch], s: Session) -> None:
+    now = utcnow()
+    s.execute(_TOUCH, [{"device": t.device_id, "now": now, "source_ip": t.source_ip} for t in touches])
+
+
+class TouchLog(Batcher[Touch]):
+    """Touches written in batches after the answer went out: a pending rack polling costs a few UPDATE statements
+    every ``KTIZO_LAST_SEEN_INTERVAL``, not a first contact per machine. One lost when the process is killed is
+    the next knock's to write."""
+
+    def __init__(self, db: Database) -> None:
+        super().__init__(db, write_touches)
 
 
 def _write_or_split(downloads: Sequence[Download], s: Session) -> None:
