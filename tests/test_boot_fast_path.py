@@ -25,7 +25,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from starlette.types import Message, Receive, Scope, Send
@@ -33,6 +33,7 @@ from starlette.types import Message, Receive, Scope, Send
 from ktizo.api.boot_doors import BootDoors
 from ktizo.app import build_services, create_app
 from ktizo.app.asgi import KtizoApp
+from ktizo.db.batch import execute_many, table_of
 from ktizo.db.models import ConfigState, Device, Event
 from ktizo.domain.devices import IDENTITY_REFUSED
 from ktizo.services import download_log
@@ -696,3 +697,35 @@ def test_the_fast_door_reads_a_query_as_parse_qsl_does(raw: bytes) -> None:
             break
         expected[key] = value
     assert _query(raw) == expected
+
+
+def test_execute_many_writes_what_sqlalchemy_writes(services: Services) -> None:
+    """The batched writes' straight path to sqlite3 stores each value as SQLAlchemy would (dates, JSON,
+    booleans), and a row that leaves a column's Python-side default to the statement still gets it."""
+    at = dt.datetime(2026, 12, 3, 10, 0, 0, 123456, tzinfo=dt.UTC)
+    row = {
+        "at": at,
+        "event": "machine.config_downloaded",
+        "action": "config_download",
+        "device_id": 7,
+        "actor": "10.0.0.9",
+        "actor_type": "device",
+        "payload": {"machine": {"mac_address": "52:54:00:00:00:07"}, "n": [1, 2], "ok": True},
+        "webhooks_pending": True,
+        "gitops_pending": False,
+    }
+    table = table_of(Event)
+    with services.db.write() as s:
+        execute_many(s, insert(table), [{**row, "actor": "raw"}])
+        s.execute(insert(table), [{**row, "actor": "sqlalchemy"}])
+        execute_many(s, insert(table), [{k: v for k, v in row.items() if k != "at"} | {"actor": "defaulted"}])
+    with services.db.read() as s:
+        found = {e.actor: e for e in s.scalars(select(Event).where(Event.device_id == 7))}
+    raw, reference = found["raw"], found["sqlalchemy"]
+    assert (raw.at, raw.payload, raw.webhooks_pending, raw.gitops_pending) == (
+        reference.at,
+        reference.payload,
+        reference.webhooks_pending,
+        reference.gitops_pending,
+    )
+    assert raw.at == at and found["defaulted"].at is not None

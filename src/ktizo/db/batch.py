@@ -10,6 +10,7 @@ from typing import Any, cast
 
 from sqlalchemy import Table, insert, select, text
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.dml import UpdateBase
 
 
 def insert_many(
@@ -32,7 +33,7 @@ def insert_many(
             {"rows": json.dumps(rows, default=_json_value)},
         )
         return done.all() if returning else []
-    s.execute(insert(table), rows)  # sqlite3's executemany: one prepared statement for the batch
+    execute_many(s, insert(table), rows)
     if not returning:
         return []
     # SQLite cannot return the rows of an executemany: look them up by their keys (indexed, so one query).
@@ -45,6 +46,32 @@ def insert_many(
                 stmt = stmt.where(table.c.mac_address.is_(None))
             found.extend(s.execute(stmt).all())
     return found
+
+
+def execute_many(s: Session, stmt: UpdateBase, rows: Sequence[dict[str, Any]]) -> None:
+    """``s.execute(stmt, rows)``, rows of the same keys by the thousand. On SQLite straight through sqlite3's
+    executemany, each value converted by its column type's bind processor as SQLAlchemy would: SQLAlchemy's own
+    handling of each row's parameters was most of a boot storm's writer time. A statement whose execution would add
+    values of its own (a Python-side column default) goes through SQLAlchemy, as everywhere but SQLite."""
+    if not rows:
+        return
+    conn = s.connection()
+    dialect = conn.dialect
+    if dialect.name != "sqlite":
+        s.execute(stmt, list(rows))
+        return
+    keys = list(rows[0])
+    compiled = stmt.compile(dialect=dialect, column_keys=keys)
+    names = tuple(compiled.positiontup or ())
+    if set(names) != set(keys) or len(names) != len(keys):
+        s.execute(stmt, list(rows))
+        return
+    processors = [compiled.binds[n].type.dialect_impl(dialect).bind_processor(dialect) for n in names]
+    values = [
+        tuple(v if p is None or v is None else p(v) for v, p in zip((r[n] for n in names), processors, strict=True))
+        for r in rows
+    ]
+    conn.exec_driver_sql(compiled.string, values)
 
 
 def _identity(row: dict[str, Any]) -> str:

@@ -22,7 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ktizo.db import Database
-from ktizo.db.batch import table_of
+from ktizo.db.batch import execute_many, table_of
 from ktizo.db.engine import after_commit
 from ktizo.db.models import Device
 from ktizo.db.types import utcnow
@@ -65,7 +65,9 @@ _MARK_INSTALLED = (
 
 def write_downloads(downloads: Sequence[Download], s: Session) -> None:
     now = utcnow()
-    s.execute(_MARK_INSTALLED, [{"device": d.device["id"], "now": now, "source_ip": d.source_ip} for d in downloads])
+    execute_many(
+        s, _MARK_INSTALLED, [{"device": d.device["id"], "now": now, "source_ip": d.source_ip} for d in downloads]
+    )
     entries = [
         audit.Entry(
             Actor.device(d.source_ip),
@@ -149,7 +151,7 @@ _TOUCH = (
 
 def write_touches(touches: Sequence[Touch], s: Session) -> None:
     now = utcnow()
-    s.execute(_TOUCH, [{"device": t.device_id, "now": now, "source_ip": t.source_ip} for t in touches])
+    execute_many(s, _TOUCH, [{"device": t.device_id, "now": now, "source_ip": t.source_ip} for t in touches])
 
 
 class TouchLog(Batcher[Touch]):
