@@ -432,10 +432,16 @@ def test_a_client_that_hung_up_is_not_recorded_as_a_download(pair: Pair) -> None
 # -- DownloadLog: a boot storm's downloads, written in batches ---------------------------------------------------
 
 
+def subscribe_to_downloads(services: Services) -> None:
+    """A webhook that wants ``config.downloaded``: only then are download events written to the outbox."""
+    services.webhooks.create(Actor.system(), "downloads", "http://127.0.0.1:9/hook", ["config.downloaded"])
+
+
 def test_every_download_of_a_boot_storm_is_recorded(settings: Settings, services: Services, bases: object) -> None:
     """200 approved machines fetch their configs at once: each gets its config, each has one audit row with its
     revision and byte count, one ``config.downloaded`` event, and is marked installed with the address it used."""
     n = 200
+    subscribe_to_downloads(services)
     macs = [f"52:54:00:5d:{i // 256:02x}:{i % 256:02x}" for i in range(n)]
     ids = {mac: approve(services, mac, i).id for i, mac in enumerate(macs)}
     revisions = {mac: services.devices.get(ids[mac]).revision for mac in macs}
@@ -497,6 +503,7 @@ def test_a_batch_with_a_deleted_machine_still_records_the_others(services: Servi
     """A machine deleted between its answer and the batch's write: the others are recorded and marked installed,
     and the deleted machine stays deleted. Its delivery is kept in the audit log (the audit log keeps a deleted
     device's history; ``device_id`` is not a foreign key), so the write never fails for it."""
+    subscribe_to_downloads(services)
     macs = [f"52:54:00:5e:00:{i:02x}" for i in range(3)]
     devices = [approve(services, mac, 100 + i) for i, mac in enumerate(macs)]
     records = [_download_of(services, mac, 1000 + i) for i, mac in enumerate(macs)]
@@ -538,6 +545,7 @@ def test_a_batch_that_fails_on_a_constraint_still_records_the_others(
 ) -> None:
     """The others of a batch whose write fails for one machine are recorded once each and marked installed; the
     failing one leaves no trace (no audit row, not installed), and nobody's request fails for it."""
+    subscribe_to_downloads(services)
     devices, records = failing_batch(services, monkeypatch)
     assert record_all(services, records) == [None] * 4
     for device, record in zip(devices, records, strict=True):
@@ -729,3 +737,15 @@ def test_execute_many_writes_what_sqlalchemy_writes(services: Services) -> None:
         reference.gitops_pending,
     )
     assert raw.at == at and found["defaulted"].at is not None
+
+
+def test_download_events_nobody_takes_are_not_written(services: Services, bases: object) -> None:
+    """With no webhook that wants ``config.downloaded`` a download is audited but adds no outbox row (the
+    dispatcher would clear it for nobody); lifecycle events GitOps takes are always written."""
+    device = approve(services, "52:54:00:5c:00:01", 1)
+    with services.db.write() as s:
+        download_log.write_downloads([_download_of(services, device.mac_address, 100)], s)
+    assert len(downloads(services, device.id)) == 1
+    with services.db.read() as s:
+        told = s.scalars(select(Event.event).where(Event.device_id == device.id)).all()
+    assert "config.downloaded" not in told and "device.approved" in told

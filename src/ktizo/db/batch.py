@@ -33,7 +33,10 @@ def insert_many(
             {"rows": json.dumps(rows, default=_json_value)},
         )
         return done.all() if returning else []
-    execute_many(s, insert(table), rows)
+    into = _INSERT.get(table.name)
+    if into is None:
+        into = _INSERT[table.name] = insert(table)
+    execute_many(s, into, rows)
     if not returning:
         return []
     # SQLite cannot return the rows of an executemany: look them up by their keys (indexed, so one query).
@@ -60,18 +63,29 @@ def execute_many(s: Session, stmt: UpdateBase, rows: Sequence[dict[str, Any]]) -
     if dialect.name != "sqlite":
         s.execute(stmt, list(rows))
         return
-    keys = list(rows[0])
-    compiled = stmt.compile(dialect=dialect, column_keys=keys)
-    names = tuple(compiled.positiontup or ())
-    if set(names) != set(keys) or len(names) != len(keys):
+    key = (stmt, tuple(rows[0]))
+    prepared = _PREPARED.get(key)
+    if prepared is None:
+        compiled = stmt.compile(dialect=dialect, column_keys=list(rows[0]))
+        names = tuple(compiled.positiontup or ())
+        if set(names) == set(rows[0]) and len(names) == len(rows[0]):
+            processors = [compiled.binds[n].type.dialect_impl(dialect).bind_processor(dialect) for n in names]
+            prepared = _PREPARED[key] = (compiled.string, names, processors)
+    if prepared is None:
         s.execute(stmt, list(rows))
         return
-    processors = [compiled.binds[n].type.dialect_impl(dialect).bind_processor(dialect) for n in names]
+    sql, names, processors = prepared
     values = [
         tuple(v if p is None or v is None else p(v) for v, p in zip((r[n] for n in names), processors, strict=True))
         for r in rows
     ]
-    conn.exec_driver_sql(compiled.string, values)
+    conn.exec_driver_sql(sql, values)
+
+
+# Statements compiled for execute_many, by statement and row keys: long-lived statements only (module constants,
+# one INSERT per table), so this stays small.
+_PREPARED: dict[tuple[UpdateBase, tuple[str, ...]], tuple[str, tuple[str, ...], list[Any]]] = {}
+_INSERT: dict[str, UpdateBase] = {}
 
 
 def _identity(row: dict[str, Any]) -> str:

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from ktizo.db import Database
 from ktizo.db.batch import insert_many, table_of
-from ktizo.db.models import AuditEvent, Event, Refusal
+from ktizo.db.models import AuditEvent, Event, Refusal, Webhook
 from ktizo.db.types import utcnow
 from ktizo.domain.bounds import as_utc, is_possible_id
 from ktizo.services import events, metrics
@@ -156,6 +156,12 @@ def record_batch(session: Session, entries: Sequence[Entry], *, at: dt.datetime 
         return
     now = at or utcnow()
     audits, outbox = [], []
+    # An outbox row only for an event someone takes: GitOps, or an enabled webhook (read in this transaction, so a
+    # subscription committed before it is seen). A boot storm's download events are otherwise written and at once
+    # cleared by the dispatcher, for nobody.
+    subscribed: set[str] = set()
+    for names in session.scalars(select(Webhook.events).where(Webhook.enabled.is_(True))):
+        subscribed.update(names or ())
     for e in entries:
         who = {"name": e.actor.name, "kind": e.actor.kind, "source_ip": e.actor.source_ip}
         audits.append(
@@ -171,7 +177,7 @@ def record_batch(session: Session, entries: Sequence[Entry], *, at: dt.datetime 
             }
         )
         name = events.event_for(e.action, e.details)
-        if name is not None:
+        if name is not None and (name in events.GITOPS_EVENTS or "*" in subscribed or name in subscribed):
             outbox.append(
                 {
                     "at": now,
