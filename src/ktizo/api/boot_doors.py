@@ -114,7 +114,7 @@ class BootDoors:
         # A config is recorded as delivered only when handed to an open connection: watch for a hang-up the
         # server has already seen (it reaches ``gone`` first), then decide before sending, since after the
         # response the server reports every connection as gone.
-        gone = gone if gone is not None and not gone.is_set() else asyncio.Event()
+        gone = gone or asyncio.Event()  # a remembered answer's request watched for nothing yet
         listener = asyncio.create_task(until_disconnect(receive, gone))
         await asyncio.sleep(0)
         open_before = not gone.is_set()
