@@ -88,11 +88,13 @@ class KtizoApp(FastAPI):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         doors = self.boot_doors
-        answered = doors is not None and doors.takes(scope)
-        if answered and doors is not None:
-            answered = await doors.answer(seen_from_client(scope, self.trusted), receive, send)
-        if not answered:
-            await super().__call__(scope, receive, send)
+        if (
+            doors is not None
+            and doors.takes(scope)
+            and await doors.answer(seen_from_client(scope, self.trusted), receive, send)
+        ):
+            return
+        await super().__call__(scope, receive, send)
 
 
 class TransactionMiddleware:

@@ -177,7 +177,7 @@ def record_batch(session: Session, entries: Sequence[Entry], *, at: dt.datetime 
             }
         )
         name = events.event_for(e.action, e.details)
-        if name is not None and (name in events.GITOPS_EVENTS or "*" in subscribed or name in subscribed):
+        if name is not None and (name in events.GITOPS_EVENTS or events.wants(subscribed, name)):
             outbox.append(
                 {
                     "at": now,

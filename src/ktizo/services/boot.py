@@ -145,8 +145,8 @@ _BY_UUID = select(*_BOOT_COLUMNS).where(Device.uuid == bindparam("uuid"), Device
 _VOLATILE = frozenset({"last_seen", "installed_at"})
 _STABLE_AT = tuple(i for i, c in enumerate(_BY_MAC.selected_columns) if c.key not in _VOLATILE)
 _STABLE = tuple(_BOOT_COLUMNS[i] for i in _STABLE_AT)
-_STABLE_BY_MAC = select(*_STABLE).where(Device.mac_address == bindparam("mac"))
-_STABLE_BY_UUID = select(*_STABLE).where(Device.uuid == bindparam("uuid"), Device.mac_address.is_(None))
+_STABLE_BY_MAC = _BY_MAC.with_only_columns(*_STABLE)
+_STABLE_BY_UUID = _BY_UUID.with_only_columns(*_STABLE)
 # Whether any rule could decide a machine that knocks again (SQLite's fast read; elsewhere it is assumed).
 _ANY_RULE = select(Rule.id).where(Rule.enabled.is_(True)).limit(1)
 # How long an approved machine's answer is given again without deciding it anew (see Basis).
@@ -272,11 +272,14 @@ class BootService:
             return None
         return None if self._owes_write(device, knock) else device
 
-    def _lookup(self, claim: Claim) -> tuple[BootDevice | None, tuple[str, str, tuple[Any, ...]] | None]:
+    def _find(self, claim: Claim | Knock) -> BootDevice | None:
+        return self._lookup(claim)[0]
+
+    def _lookup(self, claim: Claim | Knock) -> tuple[BootDevice | None, tuple[str, str, tuple[Any, ...]] | None]:
         """The machine, and (on SQLite) how it was found with its raw row, for a ``Basis``."""
         by_mac, by_uuid = self._by_mac, self._by_uuid
         if by_mac is None or by_uuid is None:
-            return self._find(claim), None
+            return self._find_through_sqlalchemy(claim), None
         if claim.mac:
             raw = by_mac.first_raw(mac=claim.mac)
             if raw is not None:
@@ -291,13 +294,7 @@ class BootService:
         read = None if claim.mac else ("uuid", claim.identifying_uuid, tuple(raw[i] for i in _STABLE_AT))
         return by_uuid.process(raw), read  # type: ignore[return-value]
 
-    def _find(self, claim: Claim | Knock) -> BootDevice | None:
-        if self._by_mac is not None and self._by_uuid is not None:
-            if claim.mac:
-                fast = self._by_mac.first(mac=claim.mac)
-                if fast is not None or claim.identifying_uuid is None:
-                    return fast
-            return self._by_uuid.first(uuid=claim.identifying_uuid)
+    def _find_through_sqlalchemy(self, claim: Claim | Knock) -> BootDevice | None:
         with self.db.read_engine.connect() as conn:
             if claim.mac:
                 row = conn.execute(_BY_MAC, {"mac": claim.mac}).first()
@@ -321,8 +318,12 @@ class BootService:
         if device.last_ip != knock.source_ip:
             return True
         # An approved machine's facts are not the caller's to change (first_contact._touch): no write to owe.
+        return device.status != DeviceStatus.APPROVED.value and self._tells_new_facts(device, knock)
+
+    @staticmethod
+    def _tells_new_facts(device: BootDevice, knock: Knock) -> bool:
         facts = device.facts or {}
-        return device.status != DeviceStatus.APPROVED.value and any(facts.get(k) != v for k, v in knock.facts.items())
+        return any(facts.get(k) != v for k, v in knock.facts.items())
 
     def _only_seen(self, device: BootDevice, knock: Knock) -> bool:
         """Whether all a knock owes is last_seen and last_ip (``Touch``): nothing to bind, the facts it reports
@@ -330,10 +331,7 @@ class BootService:
         machine's arrival)."""
         if self._any_rule is None or device.approve_on_arrival or self._binds(device, knock):
             return False
-        facts = device.facts or {}
-        if any(facts.get(k) != v for k, v in knock.facts.items()):
-            return False
-        return self._any_rule.first_raw() is None
+        return not self._tells_new_facts(device, knock) and self._any_rule.first_raw() is None
 
     @staticmethod
     def _contradicts(device: BootDevice, knock: Knock) -> bool:

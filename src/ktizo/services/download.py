@@ -78,8 +78,8 @@ class ConfigDownload:
         if remembered is None:
             return None
         answer = remembered.answer
-        held = self.long_poll_seconds > 0 and answer.pending  # long poll was turned on since
-        if answer.basis is not None and not held and self.boot.holds(answer.basis):
+        # Long poll may have been turned on since.
+        if answer.basis is not None and not self._would_hold(answer) and self.boot.holds(answer.basis):
             return remembered
         self._remembered.pop(key, None)
         return None
@@ -87,12 +87,15 @@ class ConfigDownload:
     def remember(self, key: Hashable, answer: Answer) -> Remembered | None:
         """Keep ``answer`` for the next request ``key`` names, if it may be given again: it owes no write before
         it goes out, and it would not be held (a pending machine's request waits for approval under long poll)."""
-        if answer.basis is None or (self.long_poll_seconds > 0 and answer.pending):
+        if answer.basis is None or self._would_hold(answer):
             return None
         if len(self._remembered) >= MAX_REMEMBERED:
             self._remembered.clear()
         remembered = self._remembered[key] = Remembered(answer)
         return remembered
+
+    def _would_hold(self, answer: Answer) -> bool:
+        return self.long_poll_seconds > 0 and answer.pending
 
     async def request(
         self, claim: Claim, gone: asyncio.Event | None = None, on_hold: Callable[[], None] | None = None

@@ -6,6 +6,7 @@ GitOps writer read the outbox; neither can lose an event to a crash between the 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -76,6 +77,12 @@ def event_for(action: str, details: dict[str, Any]) -> str | None:
         # A zero-touch enrollment that made a new machine (approved by its site or waiting for an operator).
         return "agent.enrolled" if details.get("reason") in ("new", "manual", "hostname_taken") else None
     return EVENTS.get(action)
+
+
+def wants(subscribed: Iterable[str], event: str) -> bool:
+    """Whether a subscription to ``subscribed`` (event names, or ``*``) takes ``event``."""
+    names = set(subscribed)
+    return "*" in names or event in names
 
 
 def machine_of(device: Any) -> dict[str, Any] | None:

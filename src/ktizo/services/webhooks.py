@@ -184,11 +184,6 @@ def parse_deny(networks: Iterable[str]) -> list[ipaddress.IPv4Network | ipaddres
     return [ipaddress.ip_network(n.strip(), strict=False) for n in networks if n.strip()]
 
 
-def wants(subscribed: Iterable[str], event: str) -> bool:
-    names = set(subscribed)
-    return "*" in names or event in names
-
-
 # -- what is sent ---------------------------------------------------------------------------------------------
 
 
@@ -509,7 +504,7 @@ class WebhookService:
             now = utcnow()
             for event in batch:
                 for hook in hooks:
-                    if wants(hook.events, event.event) and event.at >= hook.created_at:
+                    if events.wants(hook.events, event.event) and event.at >= hook.created_at:
                         values = {
                             "webhook_id": hook.id,
                             "event_id": event.id,
