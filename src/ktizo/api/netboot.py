@@ -53,6 +53,8 @@ async def machine_ipxe(request: Request, services: ServicesDep) -> PlainTextResp
     base, ip = base_url(request), client_ip(request)
     # A machine knocking again with nothing new is answered from one read, on the loop where reads never block.
     script = services.ipxe.quiet_script(facts, base, ip) if services.db.nonblocking_reads else None
+    if script is None:  # most often a machine nobody knows yet: registered together with the others arriving
+        script = await services.ipxe.new_machine_script(facts, base, ip)
     if script is None:
         script = await run_in_threadpool(services.ipxe.machine_script, facts, base, ip)
     return PlainTextResponse(script)

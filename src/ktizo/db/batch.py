@@ -9,15 +9,24 @@ from collections.abc import Sequence
 from typing import Any, cast
 
 from sqlalchemy import Table, insert, select, text
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import UpdateBase
 
 
 def insert_many(
-    s: Session, table: Table, rows: list[dict[str, Any]], *, returning: Sequence[str] = ()
+    s: Session,
+    table: Table,
+    rows: list[dict[str, Any]],
+    *,
+    returning: Sequence[str] = (),
+    ignore_conflicts: bool = False,
 ) -> Sequence[Any]:
     """Rows in one statement per batch (every row has the same keys); with ``returning``, those columns of the new
-    rows (in no particular order)."""
+    rows (in no particular order). ``ignore_conflicts``: a row a unique constraint refuses is left out (``ON
+    CONFLICT DO NOTHING``) instead of failing the batch; on PostgreSQL ``returning`` then names only the rows made,
+    on SQLite it also finds rows that were there before by the same keys (the caller, holding the write lock, knows
+    which those were)."""
     if not rows:
         return []
     if s.get_bind().dialect.name == "postgresql":
@@ -25,17 +34,20 @@ def insert_many(
         # statement of tens of thousands of placeholders in Python for every batch.
         columns = ", ".join(f'"{name}"' for name in rows[0])
         back = f" RETURNING {', '.join(returning)}" if returning else ""
+        conflicts = " ON CONFLICT DO NOTHING" if ignore_conflicts else ""
         done = s.execute(
             text(
                 f'INSERT INTO "{table.name}" ({columns}) SELECT {columns} '  # noqa: S608 - names from the table
-                f'FROM json_populate_recordset(NULL::"{table.name}", CAST(:rows AS json)){back}'
+                f'FROM json_populate_recordset(NULL::"{table.name}", CAST(:rows AS json)){conflicts}{back}'
             ),
             {"rows": json.dumps(rows, default=_json_value)},
         )
         return done.all() if returning else []
-    into = _INSERT.get(table.name)
+    into = _INSERT.get((table.name, ignore_conflicts))
     if into is None:
-        into = _INSERT[table.name] = insert(table)
+        into = _INSERT[(table.name, ignore_conflicts)] = (
+            sqlite.insert(table).on_conflict_do_nothing() if ignore_conflicts else insert(table)
+        )
     execute_many(s, into, rows)
     if not returning:
         return []
@@ -85,7 +97,7 @@ def execute_many(s: Session, stmt: UpdateBase, rows: Sequence[dict[str, Any]]) -
 # Statements compiled for execute_many, by statement and row keys: long-lived statements only (module constants,
 # one INSERT per table), so this stays small.
 _PREPARED: dict[tuple[UpdateBase, tuple[str, ...]], tuple[str, tuple[str, ...], list[Any]]] = {}
-_INSERT: dict[str, UpdateBase] = {}
+_INSERT: dict[tuple[str, bool], UpdateBase] = {}
 
 
 def _identity(row: dict[str, Any]) -> str:

@@ -8,7 +8,8 @@ answers."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Mapping
+import enum
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,12 +17,13 @@ from sqlalchemy import bindparam, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from ktizo.db.models import Device
+from ktizo.db.batch import insert_many, table_of
+from ktizo.db.models import Device, Rule
 from ktizo.db.types import utcnow
 from ktizo.domain.devices import DeviceStatus, MachineKind, Role, Source
 from ktizo.domain.errors import TooManyAttempts, ValidationFailed
 from ktizo.domain.identity import identifying_uuid
-from ktizo.services import audit, refusals
+from ktizo.services import audit, events, refusals
 from ktizo.services.context import Actor
 
 NEW_MACHINE_WINDOW = dt.timedelta(minutes=1)
@@ -105,6 +107,28 @@ def check_budget(s: Session, source_ip: str | None, per_minute: int) -> None:
         )
 
 
+class Registered(enum.Enum):
+    """What a batch of first contacts (``FirstContact.register_all``) did with one machine."""
+
+    LEFT = "left"  # nothing: first contact's own ``arrive`` is to take it (the door calls it next)
+    NEW = "new"  # registered as pending, audited, as ``arrive`` would have
+    OVER_BUDGET = "over_budget"  # its address brought its minute's worth of new machines: not registered
+
+
+@dataclass
+class NewMachine:
+    """A knock by a machine its door found no row for, to register in one batch with others that arrived at once."""
+
+    knock: Knock
+    outcome: Registered = Registered.LEFT  # set in the batch's transaction, read once it committed
+
+
+_ANY_ENABLED_RULE = select(Rule.id).where(Rule.enabled.is_(True)).limit(1)
+# What a batch-made row is given beyond ``_new_row``: the values the model's Python defaults would fill in, so the
+# rows go through one executemany (``db.batch.execute_many``) instead of SQLAlchemy's per-row defaults.
+_BATCH_DEFAULTS: dict[str, Any] = {"labels": {}, "addresses": [], "extra_nics": []}
+
+
 # The auto-approval rules (``services.rules``), wired in by the app: they sit above this module, which every
 # door uses. Returns whether a rule decided the machine.
 Decider = Callable[[Session, Device, "Knock | None"], bool]
@@ -169,6 +193,72 @@ class FirstContact:
         self._bind(s, device, knock)
         self._touch(device, knock)
         return Arrival(device, created=False, decided=self._decide_talos(s, device, knock))
+
+    def register_all(self, machines: Sequence[NewMachine], s: Session) -> None:
+        """First contact for a storm of machines nobody knows yet, in one transaction: their rows, audit rows and
+        events one statement each, what ``arrive`` writes for each one alone. Every machine this does not register
+        exactly as ``arrive`` would is left to ``arrive`` (``Registered.LEFT``): while any rule is enabled (rules
+        decide a machine as it arrives), a machine known meanwhile or knocking twice in the batch, one known by
+        its UUID alone, one whose UUID another machine holds, an agent."""
+        if s.scalar(_ANY_ENABLED_RULE) is not None:
+            return
+        knocks = [m.knock for m in machines]
+        macs = {k.mac for k in knocks if k.mac}
+        uuids = {k.identifying_uuid for k in knocks if k.identifying_uuid}
+        # On SQLite the batch's transaction holds the write lock from its start, so what is not here now is made
+        # by nobody else before it commits; on PostgreSQL ON CONFLICT below sees to a replica's concurrent row.
+        taken = set(s.scalars(select(Device.mac_address).where(Device.mac_address.in_(macs)))) if macs else set()
+        uuid_only = (
+            set(s.scalars(select(Device.uuid).where(Device.uuid.in_(uuids), Device.mac_address.is_(None))))
+            if uuids
+            else set()
+        )
+        room = self._room(s, {k.source_ip for k in knocks if k.source_ip})
+        rows: dict[str | None, dict[str, Any]] = {}  # by MAC
+        for m in machines:
+            k = m.knock
+            if k.kind is not MachineKind.TALOS or not k.mac or k.mac in taken or k.identifying_uuid in uuid_only:
+                continue
+            taken.add(k.mac)  # a second knock of one machine in this batch is arrive's: it finds the row
+            if room is not None and k.source_ip:
+                if room.get(k.source_ip, self.new_per_minute) <= 0:
+                    m.outcome = Registered.OVER_BUDGET
+                    continue
+                room[k.source_ip] = room.get(k.source_ip, self.new_per_minute) - 1
+            rows[k.mac] = self._new_row(k) | _BATCH_DEFAULTS
+        if not rows:
+            return
+        made = {
+            row.mac_address: row.id
+            for row in insert_many(
+                s, table_of(Device), list(rows.values()), returning=("id", "mac_address"), ignore_conflicts=True
+            )
+            if row.mac_address in rows  # SQLite's look-up by MAC: only this batch's MACs were free
+        }
+        entries = []
+        for m in machines:
+            k = m.knock
+            new_id = made.get(k.mac) if k.mac in rows and m.outcome is Registered.LEFT else None
+            if new_id is None:
+                continue  # its UUID is another machine's, or a replica made it just now: arrive says which
+            m.outcome = Registered.NEW
+            machine = {name: rows[k.mac].get(name) for name in events.MACHINE_FIELDS} | {"id": new_id}
+            entries.append(audit.Entry(k.who, "register", machine, {"source": k.door.value, "kind": k.kind.value}))
+            del rows[k.mac]  # one registration per row, were the MAC in the batch twice
+        audit.record_batch(s, entries)
+
+    def _room(self, s: Session, addresses: set[str]) -> dict[str, int] | None:
+        """How many more new machines each address may bring this minute (``check_budget``, for a batch); None
+        when there is no budget."""
+        if not self.new_per_minute or not addresses:
+            return None
+        since = utcnow() - NEW_MACHINE_WINDOW
+        counts = s.execute(
+            select(Device.first_ip, func.count())
+            .where(Device.first_ip.in_(addresses), Device.first_seen >= since)
+            .group_by(Device.first_ip)
+        ).all()
+        return {str(ip): self.new_per_minute - n for ip, n in counts}
 
     def _decide_talos(self, s: Session, device: Device, knock: Knock) -> bool:
         return knock.kind is MachineKind.TALOS and self.decide(s, device, knock)

@@ -5,6 +5,7 @@ imported one of the cluster's Talos version, the same version its config is rend
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +19,11 @@ from ktizo.domain.devices import DeviceStatus, Source
 from ktizo.domain.errors import TooManyAttempts, ValidationFailed
 from ktizo.domain.identity import is_placeholder, normalize_ip, normalize_mac, normalize_serial, normalize_uuid
 from ktizo.services.boot import BootService
-from ktizo.services.first_contact import FirstContact, Knock
+from ktizo.services.download_log import Batcher
+from ktizo.services.first_contact import FirstContact, Knock, NewMachine, Registered
 from ktizo.services.render import ConfigSource
 
+log = logging.getLogger(__name__)
 _ARCH = {"x86_64": "amd64", "i386": "amd64", "amd64": "amd64", "arm64": "arm64", "aarch64": "arm64"}
 _FACT = re.compile(r"[A-Za-z0-9 ._,()\[\]/+#-]{1,64}")  # Lenovo: "ThinkSystem SR650 -[7X06CTO1WW]-"
 _ARCH_NAME = re.compile(r"[a-z0-9_]{1,16}")
@@ -112,6 +115,8 @@ class IpxeService:
         self.oauth_client_id = oauth_client_id
         self.boot = boot
         self._releases: tuple[tuple[str, int], str] | None = None
+        # A storm's new machines registered together: one transaction of a few statements per batch.
+        self.arrivals: Batcher[NewMachine] = Batcher(db, first_contact.register_all)
 
     @staticmethod
     def entry_script(base_url: str) -> str:
@@ -167,6 +172,20 @@ class IpxeService:
         if device is None:
             return None
         return self._script(DeviceStatus(device.status), device.installed_at is not None, facts, base_url)
+
+    async def new_machine_script(self, facts: BootFacts, base_url: str, source_ip: str | None) -> str | None:
+        """``machine_script`` for a machine nobody knows yet, registered in a batch with the others arriving at the
+        same moment (``FirstContact.register_all``); None when the batch left it to ``machine_script``."""
+        machine = NewMachine(self._knock(facts, source_ip))
+        try:
+            await self.arrivals.record(machine)
+        except Exception:  # the batch rolled back: first contact one by one still registers each machine
+            log.warning("a batch of new machines was not registered; registering them one by one", exc_info=True)
+            return None
+        if machine.outcome is Registered.LEFT:
+            return None
+        # Registered now, or over its address's budget: then booted unrecorded, as ``_record_boot`` says why.
+        return self._script(DeviceStatus.PENDING, False, facts, base_url)
 
     def _script(self, status: DeviceStatus, installed: bool, facts: BootFacts, base_url: str) -> str:
         if status is DeviceStatus.REJECTED:
