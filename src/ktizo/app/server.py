@@ -24,6 +24,7 @@ from cryptography import x509
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ktizo.app.asgi import create_app
+from ktizo.app.workers import LISTEN_BACKLOG
 from ktizo.services.authority import LISTENER_DAYS, TlsFiles, listener_names
 from ktizo.services.registry import Services
 from ktizo.settings import Settings
@@ -111,6 +112,7 @@ def server_config(settings: Settings, services: Services, max_connections: int) 
         proxy_headers=False,  # KTIZO_TRUSTED_PROXIES decides whose forwarding headers count
         http=protocol,
         limit_concurrency=max_connections,
+        backlog=LISTEN_BACKLOG,
         timeout_keep_alive=int(max(1, settings.keep_alive_seconds)),
         # Long-polled config requests would otherwise hold a shutdown for up to KTIZO_LONG_POLL_SECONDS.
         timeout_graceful_shutdown=5,
@@ -150,7 +152,7 @@ def bind_mtls(settings: Settings) -> socket.socket | None:
             f"cannot open the mTLS listener on {settings.host}:{settings.mtls_port}: {exc.strerror or exc}. "
             "Pick another port with --mtls-port (or KTIZO_MTLS_PORT), or turn it off with --mtls-port 0."
         ) from None
-    sock.listen(2048)
+    sock.listen(LISTEN_BACKLOG)
     sock.set_inheritable(True)
     return sock
 
@@ -178,6 +180,7 @@ def mtls_config(
         http=protocol,
         lifespan="off",  # the main listener runs the jobs
         limit_concurrency=max_connections,
+        backlog=LISTEN_BACKLOG,
         timeout_keep_alive=int(max(1, settings.keep_alive_seconds)),
         timeout_graceful_shutdown=5,
         ssl_certfile=str(files.cert),  # uvicorn wants one to call the factory; the factory builds the context

@@ -38,6 +38,12 @@ class BindError(Exception):
     """A port cannot be bound: the message says which and what to do."""
 
 
+# Connections the kernel queues for a listener not yet accepted: a rack powered on at once opens thousands within
+# a second, and a full queue drops the handshake, which the client's TCP retries only after 1, 3, 7, 15 s. The
+# kernel caps it at net.core.somaxconn (4096 on current kernels).
+LISTEN_BACKLOG = 65535
+
+
 def bind_reuseport(host: str, port: int, count: int, what: str, hint: str) -> list[socket.socket]:
     """``count`` listening sockets on one port (port 0: the one the first bind was given)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -50,7 +56,7 @@ def bind_reuseport(host: str, port: int, count: int, what: str, hint: str) -> li
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((host, port))
             port = sock.getsockname()[1]
-            sock.listen(2048)
+            sock.listen(LISTEN_BACKLOG)
             sock.set_inheritable(True)
     except OSError as exc:
         for sock in sockets:
