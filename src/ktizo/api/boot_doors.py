@@ -15,10 +15,10 @@ import asyncio
 import time
 from urllib.parse import unquote_plus
 
-from starlette.datastructures import URL
+from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
-from ktizo.api.netboot import machine_script
+from ktizo.api.netboot import machine_script, script_base
 from ktizo.api.talos import YAML, talos_claim, text_refusal, until_disconnect
 from ktizo.domain.errors import KtizoError
 from ktizo.services.boot import Answer
@@ -41,7 +41,7 @@ class BootDoors:
     def __init__(self, services: Services, metrics: Metrics | None = None, *, public_url: str | None = None) -> None:
         self.services = services
         self.metrics = metrics
-        self.public_url = public_url.rstrip("/") if public_url else None
+        self.public_url = public_url
 
     @staticmethod
     def takes(scope: Scope) -> bool:
@@ -63,26 +63,20 @@ class BootDoors:
 
     async def _ipxe(self, scope: Scope, send: Send) -> int | None:
         client = scope.get("client")
-        query = {key: value[:256] for key, value in _pairs(scope["query_string"])}  # the route's query_params
+        base = script_base(self.public_url, Request(scope))
         try:
-            script = await machine_script(self.services, query, self._base_url(scope), client[0] if client else None)
+            script = await machine_script(
+                self.services, _pairs(scope["query_string"]), base, client[0] if client else None
+            )
         except KtizoError:
             # The route answers with FastAPI's error handlers (an unsafe public URL, an identity another machine
             # holds); a knock is idempotent, so it is asked again there.
             return None
         body = script.encode()
-        headers = [(b"content-length", str(len(body)).encode()), (b"content-type", _TEXT_TYPE)]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-        return 200
-
-    def _base_url(self, scope: Scope) -> str:
-        """``api.netboot.base_url``: the public URL, or Starlette's ``request.base_url`` of this request."""
-        if self.public_url is not None:
-            return self.public_url
-        root = scope.get("app_root_path", scope.get("root_path", ""))
-        base = {**scope, "path": root if root.endswith("/") else root + "/", "query_string": b"", "root_path": root}
-        return str(URL(scope=base)).rstrip("/")
+        # As the route answers: no Server-Timing (only Talos's door has it).
+        return await _send(
+            send, (200, [(b"content-length", str(len(body)).encode()), (b"content-type", _TEXT_TYPE)], body)
+        )
 
     async def _download(self, scope: Scope, receive: Receive, send: Send, started: float) -> int | None:
         """Answer the request and return the status; None when it is not one for this door (see the module)."""
@@ -177,10 +171,13 @@ def _refusal(exc: KtizoError) -> Payload:
     return status, headers, body
 
 
-async def _send(send: Send, payload: Payload, started: float) -> int:
+async def _send(send: Send, payload: Payload, started: float | None = None) -> int:
+    """Send ``payload``; with ``started``, a Server-Timing header of the time since."""
     status, headers, body = payload
-    timing = f"app;dur={(time.perf_counter() - started) * 1e3:.3f}".encode()
-    await send({"type": "http.response.start", "status": status, "headers": [*headers, (b"server-timing", timing)]})
+    if started is not None:
+        timing = f"app;dur={(time.perf_counter() - started) * 1e3:.3f}".encode()
+        headers = [*headers, (b"server-timing", timing)]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
     return status
 

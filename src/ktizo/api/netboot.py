@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Path, Request
@@ -28,8 +29,13 @@ UserCode = Annotated[str, Path(max_length=16, description="The code on the machi
 
 
 def base_url(request: Request) -> str:
-    configured: str | None = request.app.state.settings.public_url
-    return configured.rstrip("/") if configured else str(request.base_url).rstrip("/")
+    return script_base(request.app.state.settings.public_url, request)
+
+
+def script_base(public_url: str | None, request: Request) -> str:
+    """The URL scripts point back at: ``KTIZO_PUBLIC_URL``, else the one the request came in on (``api.boot_doors``
+    asks in front of the app, where ``request.app`` is not set yet)."""
+    return public_url.rstrip("/") if public_url else str(request.base_url).rstrip("/")
 
 
 @router.get("/boot.ipxe", response_class=PlainTextResponse, responses=_IPXE_200)
@@ -42,12 +48,15 @@ def boot_ipxe(request: Request, services: ServicesDep) -> PlainTextResponse:
 async def machine_ipxe(request: Request, services: ServicesDep) -> PlainTextResponse:
     """The per-machine script: boot Talos (unknown, pending, approved and not installed), or leave the network
     boot (rejected: next boot device; installed: local disk). Facts iPXE reports are stored on the device."""
-    query = {k: v[:256] for k, v in request.query_params.items()}
-    return PlainTextResponse(await machine_script(services, query, base_url(request), client_ip(request)))
+    return PlainTextResponse(
+        await machine_script(services, request.query_params.items(), base_url(request), client_ip(request))
+    )
 
 
-async def machine_script(services: Services, query: dict[str, str], base: str, ip: str | None) -> str:
-    """The route's script for ``query`` (each value at most 256 characters), also given by ``api.boot_doors``."""
+async def machine_script(services: Services, pairs: Iterable[tuple[str, str]], base: str, ip: str | None) -> str:
+    """The route's script for the query's ``pairs`` (a repeated name: its last value), also given by
+    ``api.boot_doors``."""
+    query = {k: v[:256] for k, v in pairs}
     try:
         facts = parse_boot_facts(query)
     except ValidationFailed as exc:

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from ktizo.db import Database
 from ktizo.db.fastread import FastRow
-from ktizo.db.models import ConfigState, Device, Rule
+from ktizo.db.models import ConfigState, Device
 from ktizo.db.types import utcnow
 from ktizo.domain.devices import IDENTITY_REFUSED, DeviceStatus, Source, not_approved_message
 from ktizo.domain.errors import KtizoError, PermissionDenied
@@ -27,7 +27,7 @@ from ktizo.domain.identity import identifying_uuid
 from ktizo.services import audit, refusals
 from ktizo.services.context import Actor
 from ktizo.services.download_log import Download, Touch, write_downloads
-from ktizo.services.first_contact import FACTORS, FirstContact, Knock
+from ktizo.services.first_contact import ANY_ENABLED_RULE, FACTORS, FirstContact, Knock
 from ktizo.services.render import RenderableDevice, RenderCache, Renderer
 
 # A write the answer owes; True when it decided the machine (a rule approved it), so the answer is decided again.
@@ -147,8 +147,6 @@ _STABLE_AT = tuple(i for i, c in enumerate(_BY_MAC.selected_columns) if c.key no
 _STABLE = tuple(_BOOT_COLUMNS[i] for i in _STABLE_AT)
 _STABLE_BY_MAC = _BY_MAC.with_only_columns(*_STABLE)
 _STABLE_BY_UUID = _BY_UUID.with_only_columns(*_STABLE)
-# Whether any rule could decide a machine that knocks again (SQLite's fast read; elsewhere it is assumed).
-_ANY_RULE = select(Rule.id).where(Rule.enabled.is_(True)).limit(1)
 # How long an approved machine's answer is given again without deciding it anew (see Basis).
 REMEMBER_APPROVED = dt.timedelta(seconds=10)
 BootDevice = Row[Any] | FastRow  # the columns above, by attribute
@@ -171,7 +169,7 @@ class BootService:
         self.access_check = access_check
         self._by_mac, self._by_uuid = db.fast_query(_BY_MAC), db.fast_query(_BY_UUID)
         self._stable = {"mac": db.fast_query(_STABLE_BY_MAC), "uuid": db.fast_query(_STABLE_BY_UUID)}
-        self._any_rule = db.fast_query(_ANY_RULE)
+        self._any_rule = db.fast_query(ANY_ENABLED_RULE)  # SQLite's fast read; elsewhere assumed
 
     @property
     def cache(self) -> RenderCache:

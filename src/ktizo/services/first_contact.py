@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,12 +92,7 @@ def check_budget(s: Session, source_ip: str | None, per_minute: int) -> None:
     if not per_minute or not source_ip:
         return
     now = utcnow()
-    since = now - NEW_MACHINE_WINDOW
-    n, oldest = s.execute(
-        select(func.count(), func.min(Device.first_seen)).where(
-            Device.first_ip == source_ip, Device.first_seen >= since
-        )
-    ).one()
+    n, oldest = s.execute(select(func.count(), func.min(Device.first_seen)).where(*_new_from([source_ip], now))).one()
     if n >= per_minute:
         wait = TooManyAttempts.seconds_until(oldest + NEW_MACHINE_WINDOW, now)
         raise TooManyAttempts(
@@ -123,10 +118,16 @@ class NewMachine:
     outcome: Registered = Registered.LEFT  # set in the batch's transaction, read once it committed
 
 
-_ANY_ENABLED_RULE = select(Rule.id).where(Rule.enabled.is_(True)).limit(1)
+# Whether any rule could decide a machine as it arrives.
+ANY_ENABLED_RULE = select(Rule.id).where(Rule.enabled.is_(True)).limit(1)
 # What a batch-made row is given beyond ``_new_row``: the values the model's Python defaults would fill in, so the
 # rows go through one executemany (``db.batch.execute_many``) instead of SQLAlchemy's per-row defaults.
 _BATCH_DEFAULTS: dict[str, Any] = {"labels": {}, "addresses": [], "extra_nics": []}
+
+
+def _new_from(addresses: Collection[str], now: dt.datetime) -> tuple[Any, ...]:
+    """The machines first seen from ``addresses`` within the budget's window: what the budget counts."""
+    return Device.first_ip.in_(addresses), Device.first_seen >= now - NEW_MACHINE_WINDOW
 
 
 # The auto-approval rules (``services.rules``), wired in by the app: they sit above this module, which every
@@ -198,9 +199,9 @@ class FirstContact:
         """First contact for a storm of machines nobody knows yet, in one transaction: their rows, audit rows and
         events one statement each, what ``arrive`` writes for each one alone. Every machine this does not register
         exactly as ``arrive`` would is left to ``arrive`` (``Registered.LEFT``): while any rule is enabled (rules
-        decide a machine as it arrives), a machine known meanwhile or knocking twice in the batch, one known by
-        its UUID alone, one whose UUID another machine holds, an agent."""
-        if s.scalar(_ANY_ENABLED_RULE) is not None:
+        decide a machine as it arrives), a machine known already or made meanwhile by a replica, a second knock of
+        one machine in the batch, one pre-registered by its UUID alone, an agent."""
+        if s.scalar(ANY_ENABLED_RULE) is not None:
             return
         knocks = [m.knock for m in machines]
         macs = {k.mac for k in knocks if k.mac}
@@ -214,37 +215,40 @@ class FirstContact:
             else set()
         )
         room = self._room(s, {k.source_ip for k in knocks if k.source_ip})
-        rows: dict[str | None, dict[str, Any]] = {}  # by MAC
+        chosen: dict[str | None, tuple[NewMachine, dict[str, Any]]] = {}  # by MAC, in the order they knocked
         for m in machines:
             k = m.knock
             if k.kind is not MachineKind.TALOS or not k.mac or k.mac in taken or k.identifying_uuid in uuid_only:
                 continue
             taken.add(k.mac)  # a second knock of one machine in this batch is arrive's: it finds the row
             if room is not None and k.source_ip:
-                if room.get(k.source_ip, self.new_per_minute) <= 0:
+                left = room.get(k.source_ip, self.new_per_minute)
+                if left <= 0:
                     m.outcome = Registered.OVER_BUDGET
                     continue
-                room[k.source_ip] = room.get(k.source_ip, self.new_per_minute) - 1
-            rows[k.mac] = self._new_row(k) | _BATCH_DEFAULTS
-        if not rows:
+                room[k.source_ip] = left - 1
+            chosen[k.mac] = (m, self._new_row(k) | _BATCH_DEFAULTS)
+        if not chosen:
             return
-        made = {
-            row.mac_address: row.id
-            for row in insert_many(
-                s, table_of(Device), list(rows.values()), returning=("id", "mac_address"), ignore_conflicts=True
-            )
-            if row.mac_address in rows  # SQLite's look-up by MAC: only this batch's MACs were free
-        }
+        made = insert_many(
+            s,
+            table_of(Device),
+            [row for _, row in chosen.values()],
+            returning=("id", "mac_address"),
+            ignore_conflicts=True,
+        )
+        ids = {found.mac_address: found.id for found in made}
         entries = []
-        for m in machines:
-            k = m.knock
-            new_id = made.get(k.mac) if k.mac in rows and m.outcome is Registered.LEFT else None
-            if new_id is None:
-                continue  # its UUID is another machine's, or a replica made it just now: arrive says which
+        for mac, (m, row) in chosen.items():
+            if mac not in ids:
+                continue  # a replica made it just now: arrive finds it
             m.outcome = Registered.NEW
-            machine = {name: rows[k.mac].get(name) for name in events.MACHINE_FIELDS} | {"id": new_id}
-            entries.append(audit.Entry(k.who, "register", machine, {"source": k.door.value, "kind": k.kind.value}))
-            del rows[k.mac]  # one registration per row, were the MAC in the batch twice
+            machine = {name: row.get(name) for name in events.MACHINE_FIELDS} | {"id": ids[mac]}
+            entries.append(
+                audit.Entry(
+                    m.knock.who, "register", machine, {"source": m.knock.door.value, "kind": m.knock.kind.value}
+                )
+            )
         audit.record_batch(s, entries)
 
     def _room(self, s: Session, addresses: set[str]) -> dict[str, int] | None:
@@ -252,11 +256,8 @@ class FirstContact:
         when there is no budget."""
         if not self.new_per_minute or not addresses:
             return None
-        since = utcnow() - NEW_MACHINE_WINDOW
         counts = s.execute(
-            select(Device.first_ip, func.count())
-            .where(Device.first_ip.in_(addresses), Device.first_seen >= since)
-            .group_by(Device.first_ip)
+            select(Device.first_ip, func.count()).where(*_new_from(addresses, utcnow())).group_by(Device.first_ip)
         ).all()
         return {str(ip): self.new_per_minute - n for ip, n in counts}
 
